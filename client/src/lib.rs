@@ -1,0 +1,1 @@
+//! Pipelined async NBD client (issue 3).
