@@ -830,11 +830,13 @@ def prepare_backing(ctx, servers):
     """Creates the node's volume (by starting nbdraid-node once, so its
     catalog knows it), then fills that same file with random data in place."""
     os.makedirs(os.path.join(ctx.data_dir, "volumes"), exist_ok=True)
-    node = next((s for s in servers if s.base == NBDRAID), None)
-    if node is not None:
-        log(f"creating volume {EXPORT}:{ctx.size_spec} with {node.name}")
+    if any(s.base == NBDRAID for s in servers):
+        node = Nbdraid("nbdraid-create", ctx, [])  # --node-arg only, no variant args
+        log(f"creating volume {EXPORT}:{ctx.size_spec} with nbdraid-node")
         try:
             node.start()
+        except RuntimeError as e:
+            sys.exit(f"cannot create the volume: {e}")
         finally:
             node.stop()
         if not os.path.exists(ctx.backing):
@@ -953,8 +955,10 @@ def main(argv):
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler of its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
 
     results = {}
     config = {
