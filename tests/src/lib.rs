@@ -781,6 +781,11 @@ impl Node {
         }
     }
 
+    /// Replace the `--volume` specs used by the next [`Node::restart`].
+    pub fn set_volumes(&mut self, specs: &[&str]) {
+        self.spec.volumes = specs.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Start again on the same data dir (after [`Node::kill9`] or [`Node::terminate`]).
     pub fn restart(&mut self) {
         if self.child.is_some() {
@@ -852,4 +857,121 @@ pub fn scratch_dir() -> TempDir {
         .prefix("nbdraid-test-")
         .tempdir()
         .expect("tempdir")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Background processes
+// ---------------------------------------------------------------------------------------------
+
+/// A process running in the background (its own process group) whose stdout lines are
+/// collected as they arrive. Dropping it SIGKILLs that process group (the one we created).
+pub struct Background {
+    child: Option<Child>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stderr: PathBuf,
+    _dir: TempDir,
+    desc: String,
+}
+
+impl Background {
+    pub fn spawn(cmd: &mut Command) -> Background {
+        let dir = scratch_dir();
+        let stderr = dir.path().join("stderr");
+        let desc = describe(cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr).expect("stderr file"))
+            .process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+        let out = child.stdout.take().expect("piped");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                match line {
+                    Ok(l) => l2.lock().expect("lock").push(l),
+                    Err(_) => break,
+                }
+            }
+        });
+        Background {
+            child: Some(child),
+            lines,
+            stderr,
+            _dir: dir,
+            desc,
+        }
+    }
+
+    /// Snapshot of the stdout lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lock").clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Wait (bounded) until `pred` holds for the lines so far.
+    pub fn wait_lines(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.lines()) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    // Give the reader thread a moment to drain the pipe.
+                    thread::sleep(Duration::from_millis(100));
+                    if pred(&self.lines()) {
+                        return;
+                    }
+                    panic!(
+                        "`{}` exited ({st}) before {what}; stdout tail: {:?}\nstderr: {}",
+                        self.desc,
+                        self.lines().iter().rev().take(10).collect::<Vec<_>>(),
+                        self.stderr()
+                    );
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "hang detector: {what} not seen within {timeout:?} from `{}`",
+                    self.desc
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait (bounded) for the exit; panics on the hang detector.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("already reaped");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                thread::sleep(Duration::from_millis(50)); // let the reader drain
+                return st;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "hang detector: `{}` still running after {timeout:?}",
+                    self.desc
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain syscall; -pid is the process group created for this child.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
 }
