@@ -79,7 +79,9 @@ fn list_shows_every_export_with_sizes_and_flags() {
             }
         }
         if node.is_node() {
-            assert_eq!(e["can_fast_zero"], true, "{name}: {e:#}");
+            if !ro {
+                assert_eq!(e["can_fast_zero"], true, "{name}: {e:#}");
+            }
             assert_eq!(e["block_size_minimum"], 1, "{name}: {e:#}");
             assert_eq!(e["block_size_preferred"], 4096, "{name}: {e:#}");
             assert_eq!(e["block_size_maximum"], 32 * MIB, "{name}: {e:#}");
@@ -148,6 +150,18 @@ fn default_export_flag_selects_a_volume() {
         .start();
     let j = nbdinfo_json(&[], &node.uri(""));
     assert_eq!(j["exports"][0]["export-size"], 24 * MIB, "{j:#}");
+}
+
+#[test]
+fn no_default_export_with_several_volumes() {
+    require_tools!("nbdinfo");
+    let node = Node::start(&["a:16M", "b:24M"]);
+    let out = run(tool("nbdinfo").arg(node.uri("")), hang(60)).expect("nbdinfo");
+    assert!(
+        !out.status.success(),
+        "the default export must not exist with two volumes and no --default-export:\n{}",
+        show(&out)
+    );
 }
 
 #[test]
