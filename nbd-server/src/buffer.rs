@@ -1,0 +1,184 @@
+//! Request buffers from a bounded pool.
+//!
+//! Every per-request data buffer (a WRITE's payload, a READ's reply data)
+//! is an [`IoBuf`] taken from a [`BufferPool`]. The pool keeps freed
+//! buffers for reuse, keyed by exact size (workloads use a handful of
+//! sizes: 4 KiB, 64 KiB, 1 MiB, 32 MiB), so the hot path neither allocates
+//! nor faults in fresh pages.
+//!
+//! Invariant: the bytes the pool *keeps* never exceed its limit. Together
+//! with the throttle, which bounds the bytes *in use* to its capacity, this
+//! bounds the process's buffer memory: freed memory that the pool does not
+//! keep goes back to the allocator, and because the daemon pins glibc's
+//! mmap threshold at start-up (see [`pin_malloc_behaviour`]), large buffers
+//! are unmapped on free instead of lingering in an arena.
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+/// A pool of reusable byte buffers with a bound on what it keeps.
+#[derive(Debug)]
+pub struct BufferPool {
+    inner: Mutex<PoolInner>,
+    limit: u64,
+}
+
+#[derive(Debug, Default)]
+struct PoolInner {
+    free: HashMap<usize, Vec<Vec<u8>>>,
+    kept_bytes: u64,
+}
+
+impl BufferPool {
+    /// Returns a pool that keeps at most `limit` bytes of free buffers.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(PoolInner::default()),
+            limit,
+        })
+    }
+
+    /// Returns a buffer of exactly `len` bytes. Its contents are unspecified
+    /// (zeroes, or whatever a previous user left): callers overwrite all of it.
+    pub fn get(self: &Arc<Self>, len: usize) -> IoBuf {
+        let reused = {
+            let mut inner = self.lock();
+            let v = inner.free.get_mut(&len).and_then(|list| list.pop());
+            if v.is_some() {
+                inner.kept_bytes -= len as u64;
+            }
+            v
+        };
+        let data = reused.unwrap_or_else(|| vec![0u8; len]);
+        IoBuf {
+            data,
+            pool: Some(self.clone()),
+        }
+    }
+
+    /// Returns the number of bytes the pool currently keeps for reuse.
+    pub fn kept_bytes(&self) -> u64 {
+        self.lock().kept_bytes
+    }
+
+    fn put(&self, data: Vec<u8>) {
+        let len = data.len();
+        if len == 0 || len as u64 > self.limit {
+            return;
+        }
+        let mut inner = self.lock();
+        // Make room by dropping buffers of other sizes: the current size is
+        // the one in demand.
+        while inner.kept_bytes + len as u64 > self.limit {
+            let Some(victim) = inner
+                .free
+                .iter()
+                .find(|(k, v)| **k != len && !v.is_empty())
+                .map(|(k, _)| *k)
+            else {
+                return;
+            };
+            if let Some(list) = inner.free.get_mut(&victim) {
+                list.pop();
+            }
+            inner.kept_bytes -= victim as u64;
+        }
+        inner.kept_bytes += len as u64;
+        inner.free.entry(len).or_default().push(data);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        // A poisoned lock only means another thread panicked while holding
+        // it; the free lists are still consistent (no invariant spans an
+        // unwind point), so keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A request data buffer; returns to its pool when dropped.
+#[derive(Debug)]
+pub struct IoBuf {
+    data: Vec<u8>,
+    pool: Option<Arc<BufferPool>>,
+}
+
+impl IoBuf {
+    /// Returns an unpooled buffer of `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        Self {
+            data: vec![0u8; len],
+            pool: None,
+        }
+    }
+
+    /// Wraps an existing vector (unpooled).
+    pub fn from_vec(data: Vec<u8>) -> Self {
+        Self { data, pool: None }
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.put(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+/// Pins glibc's allocator behaviour so freed request buffers leave the
+/// process: a fixed mmap threshold (which also turns off glibc's dynamic
+/// raising of it, up to 32 MiB, after large frees) and a small number of
+/// arenas. Call once at daemon start-up, before threads exist.
+pub fn pin_malloc_behaviour() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before
+    // other threads start, as glibc requires for predictable effect.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuses_and_bounds_kept_bytes() {
+        let pool = BufferPool::new(3 * 4096);
+        let a = pool.get(4096);
+        let b = pool.get(4096);
+        let c = pool.get(8192);
+        drop(a);
+        drop(b);
+        assert_eq!(pool.kept_bytes(), 8192);
+        // 8192 more would exceed the limit: a 4096 buffer is evicted.
+        drop(c);
+        assert!(pool.kept_bytes() <= 3 * 4096);
+        let d = pool.get(8192);
+        assert_eq!(d.len(), 8192);
+        assert!(pool.kept_bytes() <= 4096);
+    }
+
+    #[test]
+    fn never_keeps_buffers_larger_than_the_limit() {
+        let pool = BufferPool::new(1024);
+        drop(pool.get(4096));
+        assert_eq!(pool.kept_bytes(), 0);
+    }
+}

@@ -1,0 +1,250 @@
+//! The node's configuration: a TOML file, overridden by command-line flags.
+//!
+//! ```toml
+//! listen = "0.0.0.0:10809"
+//! metrics-listen = "127.0.0.1:9109"
+//! data-dir = "/var/lib/nbdraid/node"
+//!
+//! [throttle]
+//! capacity = "256M"
+//!
+//! [[volume]]
+//! name = "vol0"
+//! size = "10G"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use nbdraid_proto::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use crate::device::{BlockSizes, OpKind, default_cost};
+use crate::error::{Error, Result};
+use crate::store::file::IoMode;
+use crate::volumes::validate_name;
+
+/// A volume declared in the configuration, created at start-up if missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VolumeSpec {
+    /// Volume (and export) name.
+    pub name: String,
+    /// Size, e.g. `10G`.
+    pub size: ByteSize,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl FromStr for VolumeSpec {
+    type Err = String;
+
+    /// Parses `NAME:SIZE` or `NAME:SIZE:ro`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut parts = s.split(':');
+        let (Some(name), Some(size)) = (parts.next(), parts.next()) else {
+            return Err(format!(
+                "invalid volume {s:?}: expected NAME:SIZE or NAME:SIZE:ro"
+            ));
+        };
+        let read_only = match parts.next() {
+            None => false,
+            Some("ro") => true,
+            Some(other) => {
+                return Err(format!(
+                    "invalid volume {s:?}: unknown mode {other:?} (only \"ro\")"
+                ));
+            }
+        };
+        if parts.next().is_some() {
+            return Err(format!(
+                "invalid volume {s:?}: expected NAME:SIZE or NAME:SIZE:ro"
+            ));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            size: size.parse()?,
+            read_only,
+        })
+    }
+}
+
+/// Writeout throttle settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ThrottleConfig {
+    /// Memory budget for request buffers, in bytes (`256M`).
+    pub capacity: ByteSize,
+    /// Turn the throttle off (for measurements only: memory is then unbounded).
+    pub enabled: bool,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            capacity: ByteSize(256 << 20),
+            enabled: true,
+        }
+    }
+}
+
+/// Everything a node daemon is configured with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeConfig {
+    /// NBD listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Prometheus metrics address; none to disable.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory holding the catalog and the volume files.
+    pub data_dir: PathBuf,
+    /// File to write the bound addresses to (JSON) once listening.
+    pub ready_file: Option<PathBuf>,
+    /// Export served to clients that ask for the default name "".
+    pub default_export: Option<String>,
+    /// Volumes to create at start-up if missing.
+    #[serde(rename = "volume")]
+    pub volumes: Vec<VolumeSpec>,
+    /// How file I/O is issued.
+    pub io_mode: IoMode,
+    /// Largest READ/WRITE payload accepted (and advertised).
+    pub max_payload: ByteSize,
+    /// Connections beyond this are refused.
+    pub max_connections: usize,
+    /// Seconds a client has to finish negotiating.
+    pub handshake_timeout_secs: u64,
+    /// Seconds connections get to wind down at shutdown.
+    pub shutdown_grace_secs: u64,
+    /// Runtime worker threads (0 = one per CPU this process may use).
+    pub threads: usize,
+    /// Log filter (`info`, `debug`, `nbd_server=trace`, ...).
+    pub log: String,
+    /// Writeout throttle.
+    pub throttle: ThrottleConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 10809)),
+            metrics_listen: None,
+            data_dir: PathBuf::from("/var/lib/nbdraid/node"),
+            ready_file: None,
+            default_export: None,
+            volumes: Vec::new(),
+            io_mode: IoMode::Auto,
+            max_payload: ByteSize(32 << 20),
+            max_connections: 1024,
+            handshake_timeout_secs: 30,
+            shutdown_grace_secs: 10,
+            threads: 0,
+            log: "info".into(),
+            throttle: ThrottleConfig::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Returns the block sizes advertised to clients.
+    pub fn block_sizes(&self) -> BlockSizes {
+        BlockSizes {
+            max: self.max_payload.0 as u32,
+            ..BlockSizes::default()
+        }
+    }
+
+    /// Checks the configuration as a whole; the message says what to change.
+    pub fn validate(&self) -> Result<()> {
+        let max = self.max_payload.0;
+        if !(64 << 10..=1 << 31).contains(&max) {
+            return Err(Error::Config(format!(
+                "max-payload {} must be between 64K and 2G",
+                self.max_payload
+            )));
+        }
+        let largest = default_cost(OpKind::Write, max);
+        if self.throttle.enabled && self.throttle.capacity.0 < largest {
+            return Err(Error::Config(format!(
+                "throttle capacity {} is smaller than the largest request ({} bytes for a {} write): it could never be admitted; raise throttle.capacity or lower max-payload",
+                self.throttle.capacity, largest, self.max_payload
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config("max-connections must be at least 1".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for v in &self.volumes {
+            validate_name(&v.name).map_err(|e| Error::Config(e.to_string()))?;
+            if v.size.0 == 0 {
+                return Err(Error::Config(format!("volume {:?} has size 0", v.name)));
+            }
+            if !seen.insert(&v.name) {
+                return Err(Error::Config(format!(
+                    "volume {:?} is declared twice",
+                    v.name
+                )));
+            }
+        }
+        if let Some(d) = &self.default_export {
+            validate_name(d).map_err(|e| Error::Config(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file() {
+        let c: NodeConfig = toml::from_str(
+            r#"
+            listen = "0.0.0.0:10809"
+            metrics-listen = "127.0.0.1:0"
+            data-dir = "/tmp/x"
+            io-mode = "blocking"
+            [throttle]
+            capacity = "64M"
+            [[volume]]
+            name = "a"
+            size = "1G"
+            [[volume]]
+            name = "b"
+            size = 4096
+            read-only = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.volumes[0].size.0, 1 << 30);
+        assert!(c.volumes[1].read_only);
+        assert_eq!(c.throttle.capacity.0, 64 << 20);
+        assert_eq!(c.io_mode, IoMode::Blocking);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        assert!(toml::from_str::<NodeConfig>("lisen = \"x\"").is_err());
+        let mut c = NodeConfig::default();
+        c.throttle.capacity = ByteSize(1 << 20);
+        assert!(c.validate().is_err(), "capacity below the largest request");
+        let mut c = NodeConfig::default();
+        c.volumes = vec!["a:1M".parse().unwrap(), "a:2M".parse().unwrap()];
+        assert!(c.validate().is_err(), "duplicate volume");
+        assert!("a".parse::<VolumeSpec>().is_err());
+        assert!("a:1M:rw".parse::<VolumeSpec>().is_err());
+        assert!("a:1Q".parse::<VolumeSpec>().is_err());
+        assert!("a:1M:ro".parse::<VolumeSpec>().unwrap().read_only);
+    }
+}

@@ -1,0 +1,239 @@
+//! The block-device trait the NBD engine serves.
+//!
+//! The node's file store implements it for volumes; the RAID layer will
+//! implement it for arrays, so both are served by the same engine.
+//!
+//! Conventions:
+//! - Operations return `'static` boxed futures, so the engine can poll one
+//!   once inline and only spawn it when it has to wait (a page-cache hit
+//!   completes on that first poll with no task hand-off).
+//! - Buffers are owned [`IoBuf`]s from the engine's pool: a write hands its
+//!   payload over and gets it back, a read fills the buffer it is given.
+//! - The engine validates ranges, flags and read-only state against
+//!   [`DeviceInfo`] before calling; devices may rely on that.
+//! - [`BlockDevice::cost`] is this layer's cost model in throttle units
+//!   (bytes of buffer memory), a conservative upper bound per request.
+
+use futures::future::BoxFuture;
+use nbdraid_proto::transmission::Extent as WireExtent;
+
+use crate::buffer::IoBuf;
+use crate::error::Result;
+
+/// A future returned by a device operation.
+pub type IoFuture<T> = BoxFuture<'static, Result<T>>;
+
+/// The operations a device serves, as the throttle's cost model names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// NBD_CMD_READ.
+    Read,
+    /// NBD_CMD_WRITE.
+    Write,
+    /// NBD_CMD_FLUSH.
+    Flush,
+    /// NBD_CMD_TRIM.
+    Trim,
+    /// NBD_CMD_WRITE_ZEROES.
+    WriteZeroes,
+    /// NBD_CMD_CACHE.
+    Cache,
+    /// NBD_CMD_BLOCK_STATUS.
+    BlockStatus,
+}
+
+impl OpKind {
+    /// Every operation, in a stable order.
+    pub const ALL: [OpKind; 7] = [
+        OpKind::Read,
+        OpKind::Write,
+        OpKind::Flush,
+        OpKind::Trim,
+        OpKind::WriteZeroes,
+        OpKind::Cache,
+        OpKind::BlockStatus,
+    ];
+
+    /// Returns the lower-case name used in metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Read => "read",
+            OpKind::Write => "write",
+            OpKind::Flush => "flush",
+            OpKind::Trim => "trim",
+            OpKind::WriteZeroes => "write_zeroes",
+            OpKind::Cache => "cache",
+            OpKind::BlockStatus => "block_status",
+        }
+    }
+
+    /// Returns the index of this operation in [`OpKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Reports whether the request carries or returns a data buffer of its length.
+    pub fn has_data(self) -> bool {
+        matches!(self, OpKind::Read | OpKind::Write)
+    }
+}
+
+/// Which traffic class a request belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IoClass {
+    /// Application I/O.
+    #[default]
+    Foreground,
+    /// Rebuild, resync and scrub traffic.
+    Background,
+}
+
+/// Per-request context: who sent it and in which class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoContext {
+    /// The upstream (registered grant holder) the request came from, 0 if none.
+    pub upstream: u64,
+    /// Foreground or background.
+    pub class: IoClass,
+}
+
+/// Block size constraints advertised with NBD_INFO_BLOCK_SIZE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Minimum block size (a power of two, at most 64 KiB).
+    pub min: u32,
+    /// Preferred block size (a power of two, at least 512).
+    pub preferred: u32,
+    /// Maximum payload of one READ or WRITE.
+    pub max: u32,
+}
+
+impl Default for BlockSizes {
+    fn default() -> Self {
+        Self {
+            min: 1,
+            preferred: 4096,
+            max: 32 << 20,
+        }
+    }
+}
+
+/// What a device is and can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Block size constraints.
+    pub block_sizes: BlockSizes,
+    /// FLUSH/FUA on one connection are visible on every connection.
+    pub multi_conn: bool,
+    /// TRIM is meaningful.
+    pub can_trim: bool,
+    /// WRITE_ZEROES is supported.
+    pub can_zero: bool,
+    /// WRITE_ZEROES with FAST_ZERO is supported.
+    pub can_fast_zero: bool,
+    /// CACHE is supported.
+    pub can_cache: bool,
+    /// The medium is rotational (a hint).
+    pub rotational: bool,
+    /// Free-text description for NBD_INFO_DESCRIPTION and LIST.
+    pub description: String,
+}
+
+/// Flags of WRITE_ZEROES.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZeroFlags {
+    /// Durable before completion.
+    pub fua: bool,
+    /// The range must stay allocated (no hole punching).
+    pub no_hole: bool,
+    /// Fail with [`crate::Error::FastZeroUnsupported`] rather than be slow.
+    pub fast: bool,
+}
+
+/// One block status extent: a length and `base:allocation` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// `base:allocation` flags (HOLE, ZERO).
+    pub flags: u32,
+}
+
+impl Extent {
+    /// Splits this extent into wire extents (each at most `u32::MAX` bytes,
+    /// aligned down to 4 KiB when split).
+    pub fn to_wire(self, out: &mut Vec<WireExtent>) {
+        const MAX: u64 = (u32::MAX as u64) & !4095;
+        let mut left = self.len;
+        while left > 0 {
+            let n = left.min(MAX);
+            out.push(WireExtent {
+                length: n as u32,
+                flags: self.flags,
+            });
+            left -= n;
+        }
+    }
+}
+
+/// A block device served over NBD.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Returns what the device is and can do, as of now.
+    fn info(&self) -> DeviceInfo;
+
+    /// Fills `buf` (its length is the request's) from `offset`.
+    fn read(&self, ctx: IoContext, offset: u64, buf: IoBuf) -> IoFuture<IoBuf>;
+
+    /// Writes `buf` at `offset`; with `fua` the data is durable on completion.
+    /// Hands the buffer back for reuse.
+    fn write(&self, ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<IoBuf>;
+
+    /// Makes every completed write durable.
+    fn flush(&self, ctx: IoContext) -> IoFuture<()>;
+
+    /// Discards a range (advisory: contents afterwards are unspecified).
+    fn trim(&self, ctx: IoContext, offset: u64, len: u64, fua: bool) -> IoFuture<()>;
+
+    /// Makes a range read as zeroes.
+    fn write_zeroes(&self, ctx: IoContext, offset: u64, len: u64, flags: ZeroFlags)
+    -> IoFuture<()>;
+
+    /// Hints that a range will be read soon.
+    fn cache(&self, ctx: IoContext, offset: u64, len: u64) -> IoFuture<()>;
+
+    /// Describes the allocation of `[offset, offset+len)` in at most
+    /// `max_extents` extents starting at `offset`, covering at least one byte.
+    fn block_status(
+        &self,
+        ctx: IoContext,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> IoFuture<Vec<Extent>>;
+
+    /// Returns the units (bytes of buffer memory) a request of this kind and
+    /// length may use in this layer and every layer beneath it; an upper bound.
+    fn cost(&self, op: OpKind, len: u64) -> u64 {
+        default_cost(op, len)
+    }
+}
+
+/// Units every request costs regardless of its data: its bookkeeping and reply.
+pub const BASE_COST: u64 = 512;
+
+/// Units a BLOCK_STATUS reply may use at most (extents are bounded by the engine).
+pub const BLOCK_STATUS_COST: u64 = 8 * 1024 + BASE_COST;
+
+/// The cost model of a layer that holds one buffer of the request's length
+/// for READ and WRITE, and only bookkeeping for everything else.
+pub fn default_cost(op: OpKind, len: u64) -> u64 {
+    match op {
+        OpKind::Read | OpKind::Write => BASE_COST + len,
+        OpKind::BlockStatus => BLOCK_STATUS_COST,
+        _ => BASE_COST,
+    }
+}

@@ -1,0 +1,404 @@
+//! The server side of the fixed newstyle handshake.
+//!
+//! Every option gets exactly one final reply (an ACK or an error), so
+//! option framing is never lost: unknown and malformed options are answered
+//! and negotiation continues. The connection is dropped only where the spec
+//! says so: unknown client flags, a bad option magic, an unknown export
+//! with NBD_OPT_EXPORT_NAME (which has no error reply), or a non-fixed
+//! newstyle client sending anything but NBD_OPT_EXPORT_NAME.
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::{Encoder, FramedRead};
+
+use nbdraid_proto::consts::{
+    client_flags, handshake_flags, info, opt, rep, transmission_flags as tf,
+};
+use nbdraid_proto::{
+    ClientMessage, InfoItem, InfoRequest, MetaContextRequest, OptionReply, ProtoError,
+    ServerHandshakeCodec, ServerMessage, ServerTransmissionCodec, consts,
+};
+
+use super::{Engine, Export, ExportRegistry};
+use crate::device::{BlockDevice, DeviceInfo};
+
+/// The context id this server gives `base:allocation` once selected.
+pub(super) const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What the handshake settled: the export and the connection's options.
+pub(super) struct Session<D> {
+    pub export: Export<D>,
+    pub info: DeviceInfo,
+    pub structured: bool,
+    /// Context id of `base:allocation` when it was selected for this export.
+    pub meta_context: Option<u32>,
+    pub reader: FramedRead<OwnedReadHalf, ServerTransmissionCodec>,
+    pub writer: OwnedWriteHalf,
+}
+
+/// Returns the transmission flags advertised for a device.
+pub(super) fn transmission_flags(info: &DeviceInfo, structured: bool) -> u16 {
+    let mut f = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA;
+    if info.read_only {
+        f |= tf::READ_ONLY;
+    } else {
+        if info.can_trim {
+            f |= tf::SEND_TRIM;
+        }
+        if info.can_zero {
+            f |= tf::SEND_WRITE_ZEROES;
+            if info.can_fast_zero {
+                f |= tf::SEND_FAST_ZERO;
+            }
+        }
+    }
+    if info.can_cache {
+        f |= tf::SEND_CACHE;
+    }
+    if info.multi_conn {
+        f |= tf::CAN_MULTI_CONN;
+    }
+    if info.rotational {
+        f |= tf::ROTATIONAL;
+    }
+    if structured {
+        f |= tf::SEND_DF;
+    }
+    f
+}
+
+struct Replies {
+    wr: OwnedWriteHalf,
+    codec: ServerHandshakeCodec,
+    buf: BytesMut,
+}
+
+impl Replies {
+    fn push(&mut self, msg: ServerMessage) -> Result<(), ProtoError> {
+        self.codec.encode(msg, &mut self.buf)
+    }
+
+    fn reply(&mut self, r: OptionReply) -> Result<(), ProtoError> {
+        self.push(ServerMessage::OptionReply(r))
+    }
+
+    async fn flush(&mut self) -> Result<(), ProtoError> {
+        if !self.buf.is_empty() {
+            self.wr.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Runs the handshake; returns the session, or `None` when the client
+/// ended negotiation without entering transmission.
+pub(super) async fn negotiate<D: BlockDevice, R: ExportRegistry<D>>(
+    engine: &Engine<D, R>,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+) -> Result<Option<Session<D>>, ProtoError> {
+    let mut reader = FramedRead::new(rd, ServerHandshakeCodec::new(engine.config.max_option_len));
+    let mut out = Replies {
+        wr,
+        codec: ServerHandshakeCodec::default(),
+        buf: BytesMut::with_capacity(256),
+    };
+    out.push(ServerMessage::Greeting {
+        flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES,
+    })?;
+    out.flush().await?;
+
+    let cflags = match reader.next().await {
+        Some(Ok(ClientMessage::Flags(f))) => f,
+        Some(Err(e)) => return Err(e),
+        _ => return Ok(None),
+    };
+    if cflags & !(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES) != 0 {
+        return Err(ProtoError::Unsupported("unknown client flags"));
+    }
+    let fixed = cflags & client_flags::FIXED_NEWSTYLE != 0;
+    let no_zeroes = cflags & client_flags::NO_ZEROES != 0;
+    let mut structured = false;
+    // (export name, context id) of the selected `base:allocation` context.
+    let mut meta: Option<String> = None;
+
+    loop {
+        let msg = tokio::select! {
+            m = reader.next() => m,
+            _ = engine.shutdown.cancelled() => return Ok(None),
+        };
+        let (option, data) = match msg {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(ClientMessage::Flags(_))) => return Err(ProtoError::Malformed("flags twice")),
+            Some(Ok(ClientMessage::Oversized { option, len })) => {
+                tracing::debug!(option, len, "oversized option");
+                if !fixed {
+                    return Err(ProtoError::TooLarge {
+                        what: "option",
+                        len: len as u64,
+                    });
+                }
+                out.reply(OptionReply::error(
+                    option,
+                    rep::ERR_TOO_BIG,
+                    &format!("option data of {len} bytes is too large"),
+                ))?;
+                out.flush().await?;
+                continue;
+            }
+            Some(Ok(ClientMessage::Option(o))) => (o.option, o.data),
+        };
+        tracing::debug!(option, len = data.len(), "option");
+        if !fixed && option != opt::EXPORT_NAME {
+            return Err(ProtoError::Unsupported(
+                "non-fixed newstyle client sent an option other than EXPORT_NAME",
+            ));
+        }
+        let shutting_down = engine.shutdown.is_cancelled();
+        match option {
+            opt::EXPORT_NAME => {
+                let Ok(name) = nbdraid_proto::options::parse_string(&data) else {
+                    return Err(ProtoError::Malformed("export name"));
+                };
+                if shutting_down {
+                    return Ok(None);
+                }
+                let Some(export) = engine.registry.lookup(&name) else {
+                    tracing::info!(export = %name, "unknown export requested with EXPORT_NAME");
+                    return Ok(None);
+                };
+                let info = export.device.info();
+                out.push(ServerMessage::ExportName {
+                    size: info.size,
+                    flags: transmission_flags(&info, structured),
+                    zeroes: !no_zeroes,
+                })?;
+                out.flush().await?;
+                let meta_context = meta_for(&meta, &export.name);
+                return Ok(Some(session(
+                    reader,
+                    out.wr,
+                    export,
+                    info,
+                    structured,
+                    meta_context,
+                )));
+            }
+            opt::ABORT => {
+                out.reply(OptionReply::ack(option))?;
+                // The client may already have closed; that is its right.
+                let _ = out.flush().await;
+                return Ok(None);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    out.reply(OptionReply::error(
+                        option,
+                        rep::ERR_INVALID,
+                        "LIST takes no data",
+                    ))?;
+                } else if shutting_down {
+                    out.reply(OptionReply::error(
+                        option,
+                        rep::ERR_SHUTDOWN,
+                        "server is shutting down",
+                    ))?;
+                } else {
+                    for (name, desc) in engine.registry.list() {
+                        out.reply(OptionReply::server(&name, &desc))?;
+                    }
+                    out.reply(OptionReply::ack(option))?;
+                }
+            }
+            opt::STARTTLS => {
+                let (t, m) = if data.is_empty() {
+                    (rep::ERR_UNSUP, "TLS is not supported by this server")
+                } else {
+                    (rep::ERR_INVALID, "STARTTLS takes no data")
+                };
+                out.reply(OptionReply::error(option, t, m))?;
+            }
+            opt::STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    out.reply(OptionReply::ack(option))?;
+                } else {
+                    out.reply(OptionReply::error(
+                        option,
+                        rep::ERR_INVALID,
+                        "STRUCTURED_REPLY takes no data",
+                    ))?;
+                }
+            }
+            opt::INFO | opt::GO => {
+                let req = match InfoRequest::parse(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        out.reply(OptionReply::error(option, rep::ERR_INVALID, &e.to_string()))?;
+                        out.flush().await?;
+                        continue;
+                    }
+                };
+                if shutting_down {
+                    out.reply(OptionReply::error(
+                        option,
+                        rep::ERR_SHUTDOWN,
+                        "server is shutting down",
+                    ))?;
+                    out.flush().await?;
+                    continue;
+                }
+                let Some(export) = engine.registry.lookup(&req.name) else {
+                    out.reply(OptionReply::error(
+                        option,
+                        rep::ERR_UNKNOWN,
+                        &format!("no export named {:?}", req.name),
+                    ))?;
+                    out.flush().await?;
+                    continue;
+                };
+                let info = export.device.info();
+                let flags = transmission_flags(&info, structured);
+                out.reply(OptionReply::info(
+                    option,
+                    &InfoItem::Export {
+                        size: info.size,
+                        flags,
+                    },
+                ))?;
+                if req.requests.contains(&info::NAME) {
+                    out.reply(OptionReply::info(
+                        option,
+                        &InfoItem::Name(export.name.clone()),
+                    ))?;
+                }
+                if req.requests.contains(&info::DESCRIPTION) {
+                    out.reply(OptionReply::info(
+                        option,
+                        &InfoItem::Description(info.description.clone()),
+                    ))?;
+                }
+                // Sent whether asked or not (allowed), so clients that care learn the limits.
+                let bs = info.block_sizes;
+                out.reply(OptionReply::info(
+                    option,
+                    &InfoItem::BlockSize {
+                        min: bs.min,
+                        preferred: bs.preferred,
+                        max: bs.max,
+                    },
+                ))?;
+                out.reply(OptionReply::ack(option))?;
+                if option == opt::GO {
+                    out.flush().await?;
+                    let meta_context = meta_for(&meta, &export.name);
+                    return Ok(Some(session(
+                        reader,
+                        out.wr,
+                        export,
+                        info,
+                        structured,
+                        meta_context,
+                    )));
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                match meta_context(engine, option, &data, structured) {
+                    Err(r) => out.reply(r)?,
+                    Ok((export, selected)) => {
+                        if selected {
+                            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                            out.reply(OptionReply::meta_context(
+                                option,
+                                id,
+                                consts::BASE_ALLOCATION,
+                            ))?;
+                        }
+                        if set {
+                            meta = selected.then_some(export);
+                        }
+                        out.reply(OptionReply::ack(option))?;
+                    }
+                }
+            }
+            other => {
+                out.reply(OptionReply::error(
+                    other,
+                    rep::ERR_UNSUP,
+                    &format!("option {other} is not supported"),
+                ))?;
+            }
+        }
+        out.flush().await?;
+    }
+}
+
+fn meta_for(meta: &Option<String>, export: &str) -> Option<u32> {
+    (meta.as_deref() == Some(export)).then_some(BASE_ALLOCATION_ID)
+}
+
+/// Answers LIST/SET_META_CONTEXT: returns the export's canonical name and
+/// whether `base:allocation` matches, or the error reply to send.
+fn meta_context<D: BlockDevice, R: ExportRegistry<D>>(
+    engine: &Engine<D, R>,
+    option: u32,
+    data: &[u8],
+    structured: bool,
+) -> Result<(String, bool), OptionReply> {
+    let set = option == opt::SET_META_CONTEXT;
+    if set && !structured {
+        return Err(OptionReply::error(
+            option,
+            rep::ERR_INVALID,
+            "SET_META_CONTEXT needs structured replies first",
+        ));
+    }
+    let req = MetaContextRequest::parse(data)
+        .map_err(|e| OptionReply::error(option, rep::ERR_INVALID, &e.to_string()))?;
+    if let Some(q) = req.queries.iter().find(|q| !q.contains(':')) {
+        return Err(OptionReply::error(
+            option,
+            rep::ERR_INVALID,
+            &format!("meta context query {q:?} has no namespace"),
+        ));
+    }
+    let Some(export) = engine.registry.lookup(&req.export) else {
+        return Err(OptionReply::error(
+            option,
+            rep::ERR_UNKNOWN,
+            &format!("no export named {:?}", req.export),
+        ));
+    };
+    let selected = if req.queries.is_empty() {
+        // LIST with no queries lists everything; SET with none selects nothing.
+        !set
+    } else {
+        req.queries
+            .iter()
+            .any(|q| q == consts::BASE_ALLOCATION || (!set && q == "base:"))
+    };
+    Ok((export.name, selected))
+}
+
+fn session<D>(
+    reader: FramedRead<OwnedReadHalf, ServerHandshakeCodec>,
+    writer: OwnedWriteHalf,
+    export: Export<D>,
+    info: DeviceInfo,
+    structured: bool,
+    meta_context: Option<u32>,
+) -> Session<D> {
+    Session {
+        export,
+        info,
+        structured,
+        meta_context: meta_context.filter(|_| structured),
+        reader: reader.map_decoder(|_| ServerTransmissionCodec),
+        writer,
+    }
+}

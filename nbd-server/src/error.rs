@@ -1,0 +1,120 @@
+//! The node library's one error type, and its single mapping to NBD errnos.
+
+use nbdraid_proto::consts::errno;
+
+/// Convenience alias for results carrying [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can fail in the node library.
+///
+/// Each variant maps to exactly one NBD error number in [`Error::nbd_errno`]
+/// (and, for the control plane, one gRPC status code).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A read-class request (READ, TRIM, CACHE, BLOCK_STATUS) outside the export.
+    #[error("range {offset}+{len} is beyond the end of the export (size {size})")]
+    OutOfRange {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Export size.
+        size: u64,
+    },
+    /// A write-class request (WRITE, WRITE_ZEROES) past the end of the export.
+    #[error("write {offset}+{len} is beyond the end of the export (size {size})")]
+    NoSpace {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Export size.
+        size: u64,
+    },
+    /// A request that is malformed in a way the spec answers with EINVAL.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A modification of a read-only export.
+    #[error("export is read-only")]
+    ReadOnly,
+    /// A FAST_ZERO request that cannot be done quickly.
+    #[error("fast zeroing is not possible here")]
+    FastZeroUnsupported,
+    /// A payload-free request longer than this layer accepts.
+    #[error("request length {0} too large")]
+    Overflow(u64),
+    /// The server is shutting down.
+    #[error("server is shutting down")]
+    ShuttingDown,
+    /// The storage underneath failed.
+    #[error("{op} failed on {what}: {source}")]
+    Io {
+        /// Which operation.
+        op: &'static str,
+        /// Which volume or file.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The storage underneath is full.
+    #[error("{op} on {what}: no space left: {source}")]
+    StorageFull {
+        /// Which operation.
+        op: &'static str,
+        /// Which volume or file.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The volume catalog failed.
+    #[error("catalog: {0}")]
+    Catalog(String),
+    /// A volume that does not exist.
+    #[error("no volume named {0:?}")]
+    UnknownVolume(String),
+    /// A volume that already exists.
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    /// A request a user made that cannot be honoured (bad name, shrinking, ...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// An operation on a volume that is in use.
+    #[error("volume {0:?} is in use")]
+    Busy(String),
+    /// A configuration error.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Wraps an OS error from `op` on `what`, classifying "disk full" errors.
+    pub fn io(op: &'static str, what: impl Into<String>, source: std::io::Error) -> Self {
+        let what = what.into();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => {
+                Error::StorageFull { op, what, source }
+            }
+            _ => Error::Io { op, what, source },
+        }
+    }
+
+    /// Returns the NBD error number this error is reported as.
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            Error::OutOfRange { .. } | Error::Invalid(_) | Error::UnknownVolume(_) => errno::EINVAL,
+            Error::NoSpace { .. } | Error::StorageFull { .. } => errno::ENOSPC,
+            Error::ReadOnly => errno::EPERM,
+            Error::FastZeroUnsupported => errno::ENOTSUP,
+            Error::Overflow(_) => errno::EOVERFLOW,
+            Error::ShuttingDown => errno::ESHUTDOWN,
+            Error::Io { .. }
+            | Error::Catalog(_)
+            | Error::VolumeExists(_)
+            | Error::BadRequest(_)
+            | Error::Busy(_)
+            | Error::Config(_) => errno::EIO,
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Storage behind volumes.
+
+pub mod file;
+mod sys;

@@ -1,0 +1,248 @@
+//! The node's volumes: catalog records plus open sparse files, served as
+//! NBD exports (one export per volume, named after it).
+//!
+//! Creation order makes a crash at any point safe: the file is created,
+//! sized and synced (with its directory) before the catalog record is
+//! written and flushed, so a record never points at a missing file. A file
+//! without a record (a crash in between) is reported, never silently reused.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::catalog::{Catalog, VolumeRecord};
+use crate::device::{BlockDevice, BlockSizes};
+use crate::engine::{Export, ExportRegistry};
+use crate::error::{Error, Result};
+use crate::metrics::OpMetrics;
+use crate::store::file::{FileVolume, IoMode};
+
+/// Longest volume name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Checks a volume name: 1-128 characters of `A-Z a-z 0-9 . _ -`, not
+/// starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let ok_start = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_chars || !ok_start {
+        return Err(Error::BadRequest(format!(
+            "invalid volume name {name:?}: use 1-{MAX_NAME_LEN} characters from A-Z a-z 0-9 . _ -, starting with a letter, digit or _"
+        )));
+    }
+    Ok(())
+}
+
+/// The set of volumes a node serves.
+pub struct Volumes {
+    dir: PathBuf,
+    catalog: Arc<dyn Catalog>,
+    io_mode: IoMode,
+    block_sizes: BlockSizes,
+    default_export: Option<String>,
+    open: RwLock<BTreeMap<String, Export<FileVolume>>>,
+}
+
+impl Volumes {
+    /// Opens every volume in `catalog`, with files under `data_dir/volumes`.
+    /// A volume whose file is missing is logged and left unexported.
+    pub fn open(
+        data_dir: &Path,
+        catalog: Arc<dyn Catalog>,
+        io_mode: IoMode,
+        block_sizes: BlockSizes,
+        default_export: Option<String>,
+    ) -> Result<Self> {
+        let dir = data_dir.join("volumes");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io("create directory", dir.display().to_string(), e))?;
+        let v = Self {
+            dir,
+            catalog,
+            io_mode,
+            block_sizes,
+            default_export,
+            open: RwLock::new(BTreeMap::new()),
+        };
+        for rec in v.catalog.list()? {
+            match v.open_file(&rec) {
+                Ok(export) => {
+                    v.write_map().insert(rec.name.clone(), export);
+                }
+                Err(e) => {
+                    tracing::error!(volume = %rec.name, error = %e, "volume cannot be opened; not exported")
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// Returns the path of a volume's file.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.img"))
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Export<FileVolume>>> {
+        self.open.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Export<FileVolume>>> {
+        self.open.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn open_file(&self, rec: &VolumeRecord) -> Result<Export<FileVolume>> {
+        let path = self.path_of(&rec.name);
+        let what = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!rec.read_only)
+            .open(&path)
+            .map_err(|e| Error::io("open", what.clone(), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", what.clone(), e))?
+            .len();
+        if len < rec.size && !rec.read_only {
+            // A grow that crashed before the file was extended: finish it.
+            file.set_len(rec.size)
+                .map_err(|e| Error::io("extend", what, e))?;
+        }
+        let device = FileVolume::new(
+            &rec.name,
+            file,
+            rec.size,
+            rec.read_only,
+            self.io_mode,
+            self.block_sizes,
+        );
+        Ok(Export {
+            name: rec.name.clone(),
+            device: Arc::new(device),
+            metrics: OpMetrics::new(&rec.name),
+        })
+    }
+
+    /// Creates a volume of `size` bytes (a sparse file reading as zeroes).
+    pub fn create(&self, name: &str, size: u64, read_only: bool) -> Result<VolumeRecord> {
+        validate_name(name)?;
+        if size == 0 {
+            return Err(Error::BadRequest(
+                "volume size must be greater than 0".into(),
+            ));
+        }
+        if self.catalog.get(name)?.is_some() {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        let path = self.path_of(name);
+        let what = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::BadRequest(format!(
+                        "{what} exists but is not in the catalog (left by an interrupted create?); move it away to create volume {name:?}"
+                    ))
+                } else {
+                    Error::io("create", what.clone(), e)
+                }
+            })?;
+        let made = file
+            .set_len(size)
+            .and_then(|_| file.sync_all())
+            .and_then(|_| File::open(&self.dir)?.sync_all());
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::io("create", what, e));
+        }
+        drop(file);
+        let rec = VolumeRecord::new(name, size, read_only);
+        if let Err(e) = self.catalog.insert(&rec) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let export = self.open_file(&rec)?;
+        self.write_map().insert(name.to_string(), export);
+        tracing::info!(volume = name, size, read_only, "volume created");
+        Ok(rec)
+    }
+
+    /// Makes sure a declared volume exists: creates it if missing, and
+    /// refuses to start on a size or mode that contradicts the catalog.
+    pub fn ensure(&self, name: &str, size: u64, read_only: bool) -> Result<VolumeRecord> {
+        match self.catalog.get(name)? {
+            None => self.create(name, size, read_only),
+            Some(rec) if rec.size != size => Err(Error::Config(format!(
+                "volume {name:?} exists with size {} but the configuration declares {}; change the declaration or resize the volume",
+                rec.size, size
+            ))),
+            Some(rec) if rec.read_only != read_only => Err(Error::Config(format!(
+                "volume {name:?} exists with read-only={} but the configuration declares read-only={read_only}",
+                rec.read_only
+            ))),
+            Some(rec) => Ok(rec),
+        }
+    }
+
+    /// Returns every volume record.
+    pub fn list(&self) -> Result<Vec<VolumeRecord>> {
+        self.catalog.list()
+    }
+
+    /// Returns the open device of a volume.
+    pub fn device(&self, name: &str) -> Option<Arc<FileVolume>> {
+        self.read_map().get(name).map(|e| e.device.clone())
+    }
+
+    fn default_name(&self) -> Option<String> {
+        if let Some(d) = &self.default_export {
+            return Some(d.clone());
+        }
+        let map = self.read_map();
+        if map.len() == 1 {
+            return map.keys().next().cloned();
+        }
+        None
+    }
+}
+
+impl ExportRegistry<FileVolume> for Volumes {
+    fn lookup(&self, name: &str) -> Option<Export<FileVolume>> {
+        let name = if name.is_empty() {
+            self.default_name()?
+        } else {
+            name.to_string()
+        };
+        self.read_map().get(&name).cloned()
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.read_map()
+            .values()
+            .map(|e| (e.name.clone(), e.device.info().description))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["a", "vol0", "my-vol.1", "_x", "A_B"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a/b", "a b", "ä", &"x".repeat(129), "a\0"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
