@@ -584,6 +584,12 @@ def meta_data(name, queries):
 # --- the suite --------------------------------------------------------------------------------
 
 CHECKS = []
+NOTES = []
+
+
+def note(msg):
+    """Informational remark printed under the check's result line."""
+    NOTES.append(msg)
 
 
 def check(fn):
@@ -711,7 +717,8 @@ def option_length_0xffffffff(ctx):
                 r.send(bytes(64 * 1024))
             except Closed:
                 continue
-            o = r.outcome(wait=5)
+            o = r.outcome(wait=2)
+            note(f"option {opt:#x} with length 0xffffffff: server {o}")
             if o == "data":
                 try:
                     typ, _ = r.read_opt_reply(opt)
@@ -1580,7 +1587,8 @@ def oversized_write_length(ctx):
                 r.request(CMD_WRITE, off, length, payload=bytes(64 * 1024))
             except Closed:
                 continue
-            o = r.outcome(wait=5)
+            o = r.outcome(wait=2)
+            note(f"WRITE of {length:#x} bytes (64 KiB sent): server {o}")
             if o == "data":
                 try:
                     res = r.collect({r.next_cookie - 1: Req(CMD_WRITE, off, length)})
@@ -1730,6 +1738,9 @@ def main():
             detail += f" | server unhealthy afterwards: {type(e).__name__}: {e}"
         dt = time.monotonic() - t0
         print(f"{status} {name} ({dt:.2f}s){': ' + detail if detail else ''}", flush=True)
+        for n in NOTES:
+            print(f"    note: {n}", flush=True)
+        NOTES.clear()
         if status == "FAIL":
             failed.append(name)
         elif status == "SKIP":
