@@ -1,0 +1,462 @@
+//! The client: connections to one export, request validation and
+//! splitting, and the `async fn` API.
+//!
+//! Every request is checked against what the server advertised (size,
+//! alignment, read-only, supported commands) before anything is sent, so a
+//! caller's mistake completes at once with [`ClientError::Invalid`] and
+//! never looks like a failing server. READ and WRITE larger than the
+//! server's maximum payload, and TRIM / WRITE_ZEROES larger than 1 GiB,
+//! are split into pieces; the caller sees one completion.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+
+use nbdraid_proto::consts::{cmd, cmd_flags, transmission_flags as tf};
+
+use crate::conn::{Conn, ConnState, Piece, Timeouts};
+use crate::error::{ClientError, Result};
+use crate::handshake::{ExportInfo, HandshakeOptions, negotiate};
+use crate::op::{Completer, Done, Extent, Op};
+
+/// Largest piece of a TRIM or WRITE_ZEROES (the wire length is 32 bits).
+const ZERO_PIECE: u64 = 1 << 30;
+
+/// How to connect and how long to wait.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Connections to open; more than one only if the server advertises
+    /// CAN_MULTI_CONN.
+    pub connections: usize,
+    /// A request not answered within this time fails its connection.
+    pub request_timeout: Option<Duration>,
+    /// Requests outstanding and no reply for this long fails the connection.
+    pub stall_timeout: Option<Duration>,
+    /// Time allowed for TCP connect plus handshake.
+    pub connect_timeout: Duration,
+    /// Handshake choices.
+    pub handshake: HandshakeOptions,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connections: 1,
+            request_timeout: Some(Duration::from_secs(60)),
+            stall_timeout: Some(Duration::from_secs(30)),
+            connect_timeout: Duration::from_secs(10),
+            handshake: HandshakeOptions::default(),
+        }
+    }
+}
+
+/// A request, as submitted to [`Client::submit`] or a completion ring.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Read `buf.len()` bytes at `offset` into `buf` (handed back when done).
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Destination; its length is the read's length.
+        buf: Vec<u8>,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The data.
+        data: Bytes,
+        /// Durable before completion.
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Discard a range (advisory).
+    Trim {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Make a range read as zeroes.
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Keep the range allocated.
+        no_hole: bool,
+        /// Fail fast (ENOTSUP) rather than be slow.
+        fast: bool,
+        /// Durable before completion.
+        fua: bool,
+    },
+    /// Prefetch hint.
+    Cache {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Allocation status of a range (`base:allocation`).
+    BlockStatus {
+        /// Byte offset.
+        offset: u64,
+        /// Length (at most 4 GiB - 4 KiB per request; the server may answer
+        /// for less).
+        len: u64,
+    },
+}
+
+impl Request {
+    fn span(&self) -> (u64, u64) {
+        match self {
+            Request::Read { offset, buf } => (*offset, buf.len() as u64),
+            Request::Write { offset, data, .. } => (*offset, data.len() as u64),
+            Request::Flush => (0, 0),
+            Request::Trim { offset, len }
+            | Request::WriteZeroes { offset, len, .. }
+            | Request::Cache { offset, len }
+            | Request::BlockStatus { offset, len } => (*offset, *len),
+        }
+    }
+}
+
+/// What submitting a request led to.
+#[derive(Debug)]
+pub enum Started {
+    /// Finished without waiting (validation error, zero length, dead connection).
+    Done(Done),
+    /// On the wire; the completion comes later.
+    Pending,
+}
+
+struct Active {
+    info: ExportInfo,
+    conns: Vec<Arc<Conn>>,
+}
+
+/// A client of one NBD export, over one or more connections.
+pub struct Client {
+    addr: String,
+    export: String,
+    config: ClientConfig,
+    active: RwLock<Arc<Active>>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("export", &self.export)
+            .finish()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Started {
+    Started::Done(Done::result(Err(ClientError::Invalid(msg.into()))))
+}
+
+fn ok_now(buffer: Option<Vec<u8>>) -> Started {
+    Started::Done(Done {
+        result: Ok(()),
+        buffer,
+        extents: Vec::new(),
+    })
+}
+
+async fn open(addr: &str, export: &str, config: &ClientConfig) -> Result<Active> {
+    let one = || async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ClientError::ConnectionLost { reason: format!("connect to {addr}: {e}"), possibly_applied: false })?;
+        let _ = stream.set_nodelay(true);
+        negotiate(stream, export, &config.handshake).await
+    };
+    let timeouts = Timeouts { request: config.request_timeout, stall: config.stall_timeout };
+    let connect = async {
+        let (info, rd, wr) = one().await?;
+        let n = if info.multi_conn() { config.connections.max(1) } else { 1 };
+        let mut conns = vec![Arc::new(Conn::start(info.clone(), rd, wr, timeouts))];
+        for _ in 1..n {
+            let (i2, rd, wr) = one().await?;
+            if i2.size != info.size || i2.flags != info.flags {
+                return Err(ClientError::Handshake("connections disagree about the export".into()));
+            }
+            conns.push(Arc::new(Conn::start(i2, rd, wr, timeouts)));
+        }
+        Ok(Active { info, conns })
+    };
+    tokio::time::timeout(config.connect_timeout, connect)
+        .await
+        .map_err(|_| ClientError::Timeout(config.connect_timeout))?
+}
+
+impl Client {
+    /// Connects to `export` on `addr` (`host:port`).
+    pub async fn connect(addr: &str, export: &str, config: ClientConfig) -> Result<Self> {
+        let active = open(addr, export, &config).await?;
+        Ok(Self {
+            addr: addr.to_string(),
+            export: export.to_string(),
+            config,
+            active: RwLock::new(Arc::new(active)),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connects to an `nbd://host[:port][/export]` URI.
+    pub async fn connect_uri(uri: &str, config: ClientConfig) -> Result<Self> {
+        let (addr, export) = crate::uri::parse(uri)?;
+        Self::connect(&addr, &export, config).await
+    }
+
+    fn active(&self) -> Arc<Active> {
+        self.active.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Returns what the server told us about the export.
+    pub fn info(&self) -> ExportInfo {
+        self.active().info.clone()
+    }
+
+    /// Returns the number of open connections.
+    pub fn connections(&self) -> usize {
+        self.active().conns.len()
+    }
+
+    /// Returns the state of connection `i`.
+    pub fn state(&self, i: usize) -> Option<ConnState> {
+        self.active().conns.get(i).map(|c| c.state())
+    }
+
+    /// Reports whether every connection is ready.
+    pub fn is_ready(&self) -> bool {
+        self.active().conns.iter().all(|c| !c.is_failed())
+    }
+
+    /// Returns a watch on connection `i`'s state.
+    pub fn watch_state(&self, i: usize) -> Option<watch::Receiver<ConnState>> {
+        self.active().conns.get(i).map(|c| c.watch())
+    }
+
+    /// Returns the number of wire requests in flight over all connections.
+    pub fn in_flight(&self) -> usize {
+        self.active().conns.iter().map(|c| c.in_flight()).sum()
+    }
+
+    /// Replaces the connections with fresh ones (after a failure). Requests
+    /// in flight on the old connections fail with [`ClientError::Closed`].
+    pub async fn reconnect(&self) -> Result<()> {
+        let fresh = open(&self.addr, &self.export, &self.config).await?;
+        let old = std::mem::replace(
+            &mut *self.active.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(fresh),
+        );
+        drop(old);
+        Ok(())
+    }
+
+    /// Waits (at most `timeout`) for requests in flight, then disconnects
+    /// cleanly with NBD_CMD_DISC.
+    pub async fn close(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for c in &self.active().conns {
+            c.disconnect();
+        }
+    }
+
+    /// Starts a request; its completion goes to `completer` unless it
+    /// finished at once.
+    pub(crate) fn start(&self, req: Request, completer: Completer) -> Started {
+        let active = self.active();
+        let info = &active.info;
+        let (offset, len) = req.span();
+        let (command, flags, name) = match &req {
+            Request::Read { .. } => (cmd::READ, 0, "READ"),
+            Request::Write { fua, .. } => (cmd::WRITE, if *fua { cmd_flags::FUA } else { 0 }, "WRITE"),
+            Request::Flush => (cmd::FLUSH, 0, "FLUSH"),
+            Request::Trim { .. } => (cmd::TRIM, 0, "TRIM"),
+            Request::WriteZeroes { no_hole, fast, fua, .. } => {
+                let mut f = 0;
+                if *no_hole {
+                    f |= cmd_flags::NO_HOLE;
+                }
+                if *fast {
+                    f |= cmd_flags::FAST_ZERO;
+                }
+                if *fua {
+                    f |= cmd_flags::FUA;
+                }
+                (cmd::WRITE_ZEROES, f, "WRITE_ZEROES")
+            }
+            Request::Cache { .. } => (cmd::CACHE, 0, "CACHE"),
+            Request::BlockStatus { .. } => (cmd::BLOCK_STATUS, 0, "BLOCK_STATUS"),
+        };
+        // What the server supports.
+        let writes = matches!(command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        if writes && info.read_only() {
+            return invalid(format!("{name} on a read-only export"));
+        }
+        if flags & cmd_flags::FUA != 0 && !info.has(tf::SEND_FUA) {
+            return invalid("the server does not support FUA");
+        }
+        match command {
+            cmd::FLUSH if !info.has(tf::SEND_FLUSH) => return invalid("the server does not support FLUSH"),
+            cmd::TRIM if !info.has(tf::SEND_TRIM) => return ok_now(None), // advisory
+            cmd::CACHE if !info.has(tf::SEND_CACHE) => return ok_now(None), // advisory
+            cmd::WRITE_ZEROES if !info.has(tf::SEND_WRITE_ZEROES) => {
+                return invalid("the server does not support WRITE_ZEROES");
+            }
+            cmd::WRITE_ZEROES if flags & cmd_flags::FAST_ZERO != 0 && !info.has(tf::SEND_FAST_ZERO) => {
+                return invalid("the server does not support FAST_ZERO");
+            }
+            cmd::BLOCK_STATUS if info.allocation_context.is_none() => {
+                return invalid("base:allocation was not negotiated");
+            }
+            cmd::BLOCK_STATUS if len == 0 => return invalid("BLOCK_STATUS of length 0"),
+            _ => {}
+        }
+        // Range and alignment.
+        if command != cmd::FLUSH {
+            if offset.checked_add(len).is_none_or(|end| end > info.size) {
+                return invalid(format!("{name} {offset}+{len} is beyond the end of the export ({})", info.size));
+            }
+            let m = info.min_block as u64;
+            if m > 1 && (offset % m != 0 || len % m != 0) {
+                return invalid(format!("{name} {offset}+{len} is not aligned to the minimum block size {m}"));
+            }
+        }
+        if active.conns.iter().all(|c| c.is_failed()) {
+            let reason = match active.conns.first().map(|c| c.state()) {
+                Some(ConnState::Failed(r)) => r,
+                _ => "no connection".into(),
+            };
+            return Started::Done(Done::result(Err(ClientError::ConnectionLost { reason, possibly_applied: false })));
+        }
+        let piece_max = match command {
+            cmd::READ | cmd::WRITE => info.max_payload as u64,
+            cmd::BLOCK_STATUS => u32::MAX as u64 & !4095,
+            _ => ZERO_PIECE,
+        };
+        let (req_buf, data) = match req {
+            Request::Read { buf, .. } => (Some(buf), None),
+            Request::Write { data, .. } => (None, Some(data)),
+            _ => (None, None),
+        };
+        if len == 0 && command != cmd::FLUSH {
+            return ok_now(req_buf);
+        }
+        let len = if command == cmd::BLOCK_STATUS { len.min(piece_max) } else { len };
+        let npieces = if command == cmd::FLUSH { 1 } else { len.div_ceil(piece_max) as usize };
+        let split = npieces > 1;
+        let is_read = command == cmd::READ;
+        let deadline = self.config.request_timeout.map(|d| Instant::now() + d);
+        let (op_buf, mut whole_buf) = if split { (req_buf, None) } else { (None, req_buf) };
+        let op = Op::new(npieces, op_buf, completer);
+        for i in 0..npieces {
+            let start = i as u64 * piece_max;
+            let n = if command == cmd::FLUSH { 0 } else { (len - start).min(piece_max) };
+            let buf = if !is_read {
+                None
+            } else if split {
+                Some(vec![0u8; n as usize])
+            } else {
+                whole_buf.take()
+            };
+            let piece = Piece {
+                op: op.clone(),
+                command,
+                offset: if command == cmd::FLUSH { 0 } else { offset + start },
+                len: n as u32,
+                buf_off: split.then_some(start as usize),
+                buf,
+                deadline,
+                extents: Vec::new(),
+                error: None,
+            };
+            let payload = data.as_ref().map(|d| d.slice(start as usize..(start + n) as usize));
+            let conn = self.pick(&active);
+            if let Err((p, e)) = conn.submit(piece, flags, payload) {
+                p.op.clone().piece_done(Err(e), p.buf, p.buf_off, Vec::new());
+            }
+        }
+        Started::Pending
+    }
+
+    fn pick<'a>(&self, active: &'a Active) -> &'a Conn {
+        let n = active.conns.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let c = &active.conns[(first + k) % n];
+            if !c.is_failed() {
+                return c;
+            }
+        }
+        &active.conns[first % n]
+    }
+
+    /// Submits a request and waits for its completion.
+    pub async fn submit(&self, req: Request) -> Done {
+        let (tx, rx) = oneshot::channel();
+        match self.start(req, Completer::Async(tx)) {
+            Started::Done(d) => d,
+            Started::Pending => rx.await.unwrap_or_else(|_| Done::result(Err(ClientError::Closed))),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub async fn read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let d = self.submit(Request::Read { offset, buf }).await;
+        d.result?;
+        d.buffer.ok_or(ClientError::Closed)
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer.
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read(offset, vec![0u8; len]).await
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable on return.
+    pub async fn write(&self, offset: u64, data: impl Into<Bytes>, fua: bool) -> Result<()> {
+        self.submit(Request::Write { offset, data: data.into(), fua }).await.result
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.submit(Request::Flush).await.result
+    }
+
+    /// Discards a range (advisory).
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.submit(Request::Trim { offset, len }).await.result
+    }
+
+    /// Makes a range read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<()> {
+        self.submit(Request::WriteZeroes { offset, len, no_hole, fast: false, fua: false })
+            .await
+            .result
+    }
+
+    /// Hints that a range will be read soon.
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.submit(Request::Cache { offset, len }).await.result
+    }
+
+    /// Returns `base:allocation` extents from `offset` (covering at least
+    /// one byte, at most `len`).
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let d = self.submit(Request::BlockStatus { offset, len }).await;
+        d.result?;
+        Ok(d.extents)
+    }
+}

@@ -1,0 +1,522 @@
+//! One NBD connection in the transmission phase.
+//!
+//! Three tasks share a table of pieces in flight, keyed by cookie:
+//! - the writer drains submitted requests and sends them in batches with
+//!   vectored writes (headers and write payloads, no copies);
+//! - the reader decodes reply headers and reads data straight into the
+//!   buffer of the request it answers; replies match by cookie, in any order;
+//! - the watchdog enforces request deadlines and detects a stalled server
+//!   (requests outstanding, nothing received for `stall_timeout`).
+//!
+//! When the connection fails (reset, EOF, protocol error, timeout), every
+//! request in flight fails at once with a clear error, and later
+//! submissions fail immediately; nothing hangs. Writes that were in
+//! flight are reported as "possibly applied".
+
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use slab::Slab;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use nbdraid_proto::consts::{cmd, reply};
+use nbdraid_proto::io::{discard_payload, read_payload};
+use nbdraid_proto::transmission::parse_block_status;
+use nbdraid_proto::{ClientHandshakeCodec, ClientTransmissionCodec, ErrorChunk, ReplyHeader, RequestHeader};
+
+use crate::error::ClientError;
+use crate::handshake::ExportInfo;
+use crate::op::{Extent, Op};
+
+/// Reply data read per socket read when small replies are batched.
+const READ_BUFFER: usize = 256 * 1024;
+/// Largest non-data chunk payload accepted (block status, errors).
+const MAX_CHUNK: u32 = 16 << 20;
+/// Requests the writer takes from its queue for one batch.
+const BATCH: usize = 256;
+const IOV_MAX: usize = 1024;
+
+/// The state of a connection, observable through [`crate::Client::watch_state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    /// Negotiated and serving requests.
+    Ready,
+    /// Failed; every request in flight has failed. Reconnect to go on.
+    Failed(String),
+    /// Closed by the client.
+    Closed,
+}
+
+/// Timeouts of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A request not answered within this time fails the connection.
+    pub request: Option<Duration>,
+    /// Requests outstanding and no reply for this long fails the connection.
+    pub stall: Option<Duration>,
+}
+
+/// One wire request in flight.
+pub(crate) struct Piece {
+    pub op: Arc<Op>,
+    pub command: u16,
+    pub offset: u64,
+    pub len: u32,
+    /// Where this piece's data goes in the op's buffer (split reads), or
+    /// `None` when `buf` is the caller's own buffer.
+    pub buf_off: Option<usize>,
+    pub buf: Option<Vec<u8>>,
+    pub deadline: Option<Instant>,
+    pub extents: Vec<Extent>,
+    pub error: Option<ClientError>,
+}
+
+impl Piece {
+    fn modifies(&self) -> bool {
+        matches!(self.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES)
+    }
+
+    fn finish(self, result: Result<(), ClientError>) {
+        let result = match (result, self.error) {
+            (Ok(()), Some(e)) => Err(e),
+            (r, _) => r,
+        };
+        self.op.piece_done(result, self.buf, self.buf_off, self.extents);
+    }
+}
+
+struct Outgoing {
+    header: RequestHeader,
+    payload: Option<Bytes>,
+}
+
+struct Shared {
+    info: ExportInfo,
+    table: Mutex<Slab<Piece>>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    state: watch::Sender<ConnState>,
+    failed: AtomicBool,
+    /// Fired when the connection fails, to stop its tasks and close the socket.
+    stop: CancellationToken,
+    epoch: Instant,
+    /// Nanoseconds since `epoch` of the last reply (or of the first
+    /// submission after an idle period).
+    last_progress: AtomicU64,
+}
+
+impl Shared {
+    fn table(&self) -> std::sync::MutexGuard<'_, Slab<Piece>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.last_progress.store(now, Ordering::Relaxed);
+    }
+
+    /// Marks the connection failed and fails every piece in flight.
+    fn fail(&self, err: ClientError) {
+        if self.failed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(error = %err, "NBD connection failed");
+        self.stop.cancel();
+        let pieces: Vec<Piece> = self.table().drain().collect();
+        self.state.send_replace(ConnState::Failed(err.to_string()));
+        for p in pieces {
+            let e = match &err {
+                ClientError::ConnectionLost { reason, .. } => ClientError::ConnectionLost {
+                    reason: reason.clone(),
+                    possibly_applied: p.modifies(),
+                },
+                other => other.clone(),
+            };
+            p.finish(Err(e));
+        }
+    }
+}
+
+/// A negotiated connection.
+pub(crate) struct Conn {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if !self.shared.failed.swap(true, Ordering::AcqRel) {
+            let pieces: Vec<Piece> = self.shared.table().drain().collect();
+            for p in pieces {
+                p.finish(Err(ClientError::Closed));
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Starts the connection's tasks on negotiated stream halves.
+    pub(crate) fn start(
+        info: ExportInfo,
+        rd: FramedRead<OwnedReadHalf, ClientHandshakeCodec>,
+        wr: OwnedWriteHalf,
+        timeouts: Timeouts,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (state, _) = watch::channel(ConnState::Ready);
+        let shared = Arc::new(Shared {
+            info,
+            table: Mutex::new(Slab::with_capacity(256)),
+            tx,
+            state,
+            failed: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+            epoch: Instant::now(),
+            last_progress: AtomicU64::new(0),
+        });
+        let mut rd = rd.map_decoder(|_| ClientTransmissionCodec);
+        rd.read_buffer_mut().reserve(READ_BUFFER);
+        let mut tasks = vec![
+            tokio::spawn(writer(shared.clone(), wr, rx)),
+            tokio::spawn(reader(shared.clone(), rd)),
+        ];
+        if timeouts.request.is_some() || timeouts.stall.is_some() {
+            tasks.push(tokio::spawn(watchdog(Arc::downgrade(&shared), timeouts)));
+        }
+        Self { shared, tasks }
+    }
+
+    pub(crate) fn watch(&self) -> watch::Receiver<ConnState> {
+        self.shared.state.subscribe()
+    }
+
+    pub(crate) fn state(&self) -> ConnState {
+        self.shared.state.borrow().clone()
+    }
+
+    pub(crate) fn is_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Returns the number of pieces in flight.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shared.table().len()
+    }
+
+    /// Sends one piece; on failure hands it back with the error.
+    pub(crate) fn submit(
+        &self,
+        piece: Piece,
+        flags: u16,
+        payload: Option<Bytes>,
+    ) -> Result<(), (Piece, ClientError)> {
+        let s = &self.shared;
+        if s.failed.load(Ordering::Acquire) {
+            let reason = match &*s.state.borrow() {
+                ConnState::Failed(r) => r.clone(),
+                _ => "connection closed".into(),
+            };
+            return Err((piece, ClientError::ConnectionLost { reason, possibly_applied: false }));
+        }
+        let header = RequestHeader {
+            flags,
+            command: piece.command,
+            cookie: 0,
+            offset: piece.offset,
+            length: piece.len,
+        };
+        let cookie = {
+            let mut t = s.table();
+            if t.is_empty() {
+                s.touch();
+            }
+            t.insert(piece) as u64
+        };
+        let out = Outgoing {
+            header: RequestHeader { cookie, ..header },
+            payload,
+        };
+        if s.tx.send(out).is_err() {
+            if let Some(p) = s.table().try_remove(cookie as usize) {
+                return Err((p, ClientError::ConnectionLost { reason: "writer stopped".into(), possibly_applied: false }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends NBD_CMD_DISC after everything queued, then closes our side.
+    pub(crate) fn disconnect(&self) {
+        let header = RequestHeader { flags: 0, command: cmd::DISC, cookie: u64::MAX, offset: 0, length: 0 };
+        let _ = self.shared.tx.send(Outgoing { header, payload: None });
+        self.shared.state.send_replace(ConnState::Closed);
+    }
+}
+
+async fn writer(shared: Arc<Shared>, mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
+    let mut heads = BytesMut::with_capacity(BATCH * 28);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => n,
+            _ = shared.stop.cancelled() => return,
+        };
+        if n == 0 {
+            return;
+        }
+        heads.clear();
+        let mut disc = false;
+        for o in &batch {
+            o.header.put(&mut heads);
+            disc |= o.header.command == cmd::DISC;
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+        for (i, o) in batch.iter().enumerate() {
+            slices.push(IoSlice::new(&heads[i * 28..(i + 1) * 28]));
+            if let Some(p) = &o.payload {
+                slices.push(IoSlice::new(p));
+            }
+        }
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let upto = rest.len().min(IOV_MAX);
+            let written = tokio::select! {
+                w = wr.write_vectored(&rest[..upto]) => w,
+                _ = shared.stop.cancelled() => return,
+            };
+            match written {
+                Ok(0) => {
+                    shared.fail(ClientError::ConnectionLost { reason: "server closed the connection".into(), possibly_applied: false });
+                    return;
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) => {
+                    shared.fail(ClientError::ConnectionLost { reason: format!("send: {e}"), possibly_applied: false });
+                    return;
+                }
+            }
+        }
+        batch.clear();
+        if disc {
+            let _ = wr.shutdown().await;
+            return;
+        }
+    }
+}
+
+fn protocol(msg: impl Into<String>) -> ClientError {
+    ClientError::Protocol(msg.into())
+}
+
+async fn reader(shared: Arc<Shared>, mut rd: FramedRead<OwnedReadHalf, ClientTransmissionCodec>) {
+    let stop = shared.stop.clone();
+    let err = loop {
+        let next = tokio::select! {
+            n = rd.next() => n,
+            _ = stop.cancelled() => return,
+        };
+        let hdr = match next {
+            None => {
+                break ClientError::ConnectionLost { reason: "server closed the connection".into(), possibly_applied: false };
+            }
+            Some(Err(nbdraid_proto::ProtoError::Io(e))) => {
+                break ClientError::ConnectionLost { reason: format!("receive: {e}"), possibly_applied: false };
+            }
+            Some(Err(e)) => break protocol(e.to_string()),
+            Some(Ok(h)) => h,
+        };
+        shared.touch();
+        let handled = tokio::select! {
+            r = handle_reply(&shared, &mut rd, hdr) => r,
+            _ = stop.cancelled() => return,
+        };
+        if let Err(e) = handled {
+            break e;
+        }
+    };
+    shared.fail(err);
+}
+
+fn io_lost(e: std::io::Error) -> ClientError {
+    ClientError::ConnectionLost { reason: format!("receive: {e}"), possibly_applied: false }
+}
+
+/// Reads the payload of one reply into its request and completes the request when done.
+async fn handle_reply(
+    shared: &Shared,
+    rd: &mut FramedRead<OwnedReadHalf, ClientTransmissionCodec>,
+    hdr: ReplyHeader,
+) -> Result<(), ClientError> {
+    let key = hdr.cookie() as usize;
+    let (command, offset, len, structured) = {
+        let t = shared.table();
+        let p = t.get(key).ok_or_else(|| protocol(format!("reply for unknown cookie {key}")))?;
+        (p.command, p.offset, p.len, shared.info.structured)
+    };
+    match hdr {
+        ReplyHeader::Simple { error, .. } => {
+            if command == cmd::READ && structured {
+                return Err(protocol("simple reply to a READ after structured replies were negotiated"));
+            }
+            if error == 0 && command == cmd::READ {
+                let mut buf = take_buf(shared, key)?;
+                let r = read_payload(rd, &mut buf[..len as usize]).await;
+                put_buf(shared, key, buf);
+                r.map_err(io_lost)?;
+            }
+            let p = shared.table().try_remove(key);
+            if let Some(p) = p {
+                let res = if error == 0 { Ok(()) } else { Err(ClientError::Server { errno: error, message: String::new() }) };
+                p.finish(res);
+            }
+            Ok(())
+        }
+        ReplyHeader::Chunk { flags, kind, length, .. } => {
+            match kind {
+                reply::TYPE_OFFSET_DATA => {
+                    if command != cmd::READ || length < 8 {
+                        return Err(protocol("OFFSET_DATA chunk for a non-READ or too short"));
+                    }
+                    let mut off = [0u8; 8];
+                    read_payload(rd, &mut off).await.map_err(io_lost)?;
+                    let at = u64::from_be_bytes(off);
+                    let n = (length - 8) as u64;
+                    if at < offset || at + n > offset + len as u64 {
+                        return Err(protocol("OFFSET_DATA chunk outside the request"));
+                    }
+                    let start = (at - offset) as usize;
+                    let mut buf = take_buf(shared, key)?;
+                    let r = read_payload(rd, &mut buf[start..start + n as usize]).await;
+                    put_buf(shared, key, buf);
+                    r.map_err(io_lost)?;
+                }
+                reply::TYPE_OFFSET_HOLE => {
+                    if command != cmd::READ || length != 12 {
+                        return Err(protocol("bad OFFSET_HOLE chunk"));
+                    }
+                    let mut b = [0u8; 12];
+                    read_payload(rd, &mut b).await.map_err(io_lost)?;
+                    let at = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
+                    let n = u32::from_be_bytes(b[8..].try_into().unwrap_or_default()) as u64;
+                    if at < offset || at + n > offset + len as u64 {
+                        return Err(protocol("OFFSET_HOLE chunk outside the request"));
+                    }
+                    let start = (at - offset) as usize;
+                    let mut t = shared.table();
+                    if let Some(buf) = t.get_mut(key).and_then(|p| p.buf.as_mut()) {
+                        buf[start..start + n as usize].fill(0);
+                    }
+                }
+                reply::TYPE_BLOCK_STATUS => {
+                    let data = read_small(rd, length).await?;
+                    let (id, wire) = parse_block_status(&data).map_err(|e| protocol(e.to_string()))?;
+                    if Some(id) == shared.info.allocation_context {
+                        let mut t = shared.table();
+                        if let Some(p) = t.get_mut(key) {
+                            let mut at = p.offset;
+                            for e in wire {
+                                p.extents.push(Extent { offset: at, len: e.length as u64, flags: e.flags });
+                                at += e.length as u64;
+                            }
+                        }
+                    }
+                }
+                reply::TYPE_NONE => {
+                    if length != 0 {
+                        return Err(protocol("NONE chunk with a payload"));
+                    }
+                }
+                k if k & reply::TYPE_FLAG_ERROR != 0 => {
+                    let data = read_small(rd, length).await?;
+                    let e = ErrorChunk::parse(k, &data).map_err(|e| protocol(e.to_string()))?;
+                    if e.error == 0 {
+                        return Err(protocol("error chunk with error 0"));
+                    }
+                    let mut t = shared.table();
+                    if let Some(p) = t.get_mut(key) {
+                        p.error.get_or_insert(ClientError::Server { errno: e.error, message: e.message });
+                    }
+                }
+                other => {
+                    // Unknown non-error chunk types must not be sent unnegotiated.
+                    discard_payload(rd, length as u64).await.map_err(io_lost)?;
+                    return Err(protocol(format!("unknown chunk type {other}")));
+                }
+            }
+            if flags & reply::FLAG_DONE != 0 {
+                let p = shared.table().try_remove(key);
+                if let Some(p) = p {
+                    p.finish(Ok(()));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn read_small(
+    rd: &mut FramedRead<OwnedReadHalf, ClientTransmissionCodec>,
+    length: u32,
+) -> Result<Vec<u8>, ClientError> {
+    if length > MAX_CHUNK {
+        return Err(protocol(format!("chunk of {length} bytes is too large")));
+    }
+    let mut data = vec![0u8; length as usize];
+    read_payload(rd, &mut data).await.map_err(io_lost)?;
+    Ok(data)
+}
+
+fn take_buf(shared: &Shared, key: usize) -> Result<Vec<u8>, ClientError> {
+    shared
+        .table()
+        .get_mut(key)
+        .and_then(|p| p.buf.take())
+        .ok_or_else(|| protocol("read reply for a request without a buffer"))
+}
+
+fn put_buf(shared: &Shared, key: usize, buf: Vec<u8>) {
+    if let Some(p) = shared.table().get_mut(key) {
+        p.buf = Some(buf);
+    }
+}
+
+async fn watchdog(shared: std::sync::Weak<Shared>, t: Timeouts) {
+    let shortest = [t.request, t.stall].into_iter().flatten().min().unwrap_or(Duration::from_secs(1));
+    let tick = (shortest / 4).max(Duration::from_millis(5));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(s) = shared.upgrade() else { return };
+        if s.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let now = Instant::now();
+        let (busy, expired) = {
+            let tb = s.table();
+            let expired = t.request.is_some() && tb.iter().any(|(_, p)| p.deadline.is_some_and(|d| d <= now));
+            (!tb.is_empty(), expired)
+        };
+        if expired {
+            s.fail(ClientError::Timeout(t.request.unwrap_or_default()));
+            return;
+        }
+        if let (true, Some(stall)) = (busy, t.stall) {
+            let last = Duration::from_nanos(s.last_progress.load(Ordering::Relaxed));
+            if s.epoch.elapsed().saturating_sub(last) >= stall {
+                s.fail(ClientError::Timeout(stall));
+                return;
+            }
+        }
+    }
+}
