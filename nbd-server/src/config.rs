@@ -234,6 +234,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../deploy/node.example.toml");
+        let c: NodeConfig = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.volumes[0].name, "vol0");
+    }
+
+    #[test]
     fn rejects_bad_configs() {
         assert!(toml::from_str::<NodeConfig>("lisen = \"x\"").is_err());
         let mut c = NodeConfig::default();
