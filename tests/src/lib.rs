@@ -710,17 +710,18 @@ impl Node {
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
-                if let Ok(pid) = fs::read_to_string(&pidfile) {
-                    if let Ok(pid) = pid.trim().parse::<u32>() {
-                        let tmp = ready2.with_extension("tmp");
-                        let j = format!(
-                            r#"{{"pid": {pid}, "nbd": "127.0.0.1:{port}", "metrics": null, "grpc": null}}"#
-                        );
-                        if fs::write(&tmp, j).is_ok() {
-                            let _ = fs::rename(&tmp, &ready2);
-                        }
-                        return;
+                let pid = fs::read_to_string(&pidfile)
+                    .ok()
+                    .and_then(|p| p.trim().parse::<u32>().ok());
+                if let Some(pid) = pid {
+                    let tmp = ready2.with_extension("tmp");
+                    let j = format!(
+                        r#"{{"pid": {pid}, "nbd": "127.0.0.1:{port}", "metrics": null, "grpc": null}}"#
+                    );
+                    if fs::write(&tmp, j).is_ok() {
+                        let _ = fs::rename(&tmp, &ready2);
                     }
+                    return;
                 }
                 thread::sleep(Duration::from_millis(20));
             }
@@ -920,20 +921,18 @@ impl Background {
             if pred(&self.lines()) {
                 return;
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    // Give the reader thread a moment to drain the pipe.
-                    thread::sleep(Duration::from_millis(100));
-                    if pred(&self.lines()) {
-                        return;
-                    }
-                    panic!(
-                        "`{}` exited ({st}) before {what}; stdout tail: {:?}\nstderr: {}",
-                        self.desc,
-                        self.lines().iter().rev().take(10).collect::<Vec<_>>(),
-                        self.stderr()
-                    );
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                // Give the reader thread a moment to drain the pipe.
+                thread::sleep(Duration::from_millis(100));
+                if pred(&self.lines()) {
+                    return;
                 }
+                panic!(
+                    "`{}` exited ({st}) before {what}; stdout tail: {:?}\nstderr: {}",
+                    self.desc,
+                    self.lines().iter().rev().take(10).collect::<Vec<_>>(),
+                    self.stderr()
+                );
             }
             if Instant::now() >= deadline {
                 panic!(
