@@ -721,6 +721,8 @@ def ratios(row, summ, servers):
         if best_cpu and me["server_us_per_io"]:
             r["cpu_best_peer"] = best_cpu
             r["cpu_ratio"] = me["server_us_per_io"] / summ[best_cpu]["server_us_per_io"]
+        involved = {s.name, best_perf, best_cpu} - {None}
+        r["disturbed"] = any(summ[n]["disturbed_passes"] for n in involved)
         out[s.name] = r
     return out
 
@@ -735,7 +737,7 @@ def p99_text(m):
 
 def print_row_table(row, summ, rat, servers, passes):
     print(f"\n## {row.name}: {row.desc} (median of {passes} passes)")
-    hdr = (f"{'server':<22}{'IOPS':>9}{'spread':>8}{'MB/s':>9}{'p99 us':>12}"
+    hdr = (f"{'server':<22}{'IOPS':>9}{'spread':>8}{'MB/s':>9}{'p99 us':>14}"
            f"{'srv us/IO':>11}{'srv cores':>10}{'fio us/IO':>10}{'other':>8}")
     print(hdr)
     print("-" * len(hdr))
@@ -749,7 +751,7 @@ def print_row_table(row, summ, rat, servers, passes):
         su = "-" if m["server_us_per_io"] is None else f"{m['server_us_per_io']:.2f}"
         cu = "-" if m["client_us_per_io"] is None else f"{m['client_us_per_io']:.2f}"
         print(f"{s.name:<22}{fmt_k(m['iops']):>9}{sp:>8}{m['bytes_per_s'] / 1e6:>9.0f}"
-              f"{p99_text(m):>12}{su:>11}{m['server_cores']:>10.2f}{cu:>10}"
+              f"{p99_text(m):>14}{su:>11}{m['server_cores']:>10.2f}{cu:>10}"
               f"{m['max_other_cores']:>7.2f}{flag}")
     for name, r in rat.items():
         what = "IOPS" if r["metric"] == "iops" else "throughput"
@@ -757,6 +759,8 @@ def print_row_table(row, summ, rat, servers, passes):
         if "cpu_ratio" in r:
             line += (f"; server CPU/IO x{r['cpu_ratio']:.2f} (best {r['cpu_best_peer']};"
                      " <1 = nbdraid cheaper)")
+        if r["disturbed"]:
+            line += "  [! a compared cell had a disturbed pass]"
         print(line)
 
 
@@ -775,7 +779,8 @@ def print_summary(results, servers):
                 cells.append(f"{'-':>26}")
                 continue
             c = f"x{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
-            cells.append(f"{'x%.2f / %s' % (r['perf_ratio'], c):>26}")
+            flag = "!" if r["disturbed"] else " "
+            cells.append(f"{'x%.2f / %s' % (r['perf_ratio'], c):>25}{flag}")
         print(f"{rowname:<22}" + "".join(cells))
 
 
@@ -1003,7 +1008,7 @@ def main(argv):
               "for mixed rows); srv us/IO = server process-tree CPU time / I/Os completed; "
               "srv cores = server CPU / wall time; fio us/IO = load generator CPU / I/O; "
               "other = largest CPU use (cores) by everything else during a kept pass, "
-              "'!' = a kept pass was still disturbed. nbdcopy: one I/O = one "
+              "'!' = a kept pass was still disturbed (in the summary: a compared cell was). nbdcopy: one I/O = one "
               f"{ctx.nbdcopy_request_size >> 10} KiB request.")
         print(f"total time {time.monotonic() - t_start:.0f}s")
     except KeyboardInterrupt as e:
