@@ -87,13 +87,31 @@ fn db_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl SledCatalog {
-    /// Opens (or creates) the catalog at `path`.
+    /// Opens (or creates) the catalog at `path`. Waits up to a few seconds
+    /// for the lock of a previous owner that is still exiting.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| Error::Catalog(format!("cannot open {}: {e}", path.display())))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(Error::Catalog(format!(
+                        "cannot open {}: {e} (is another nbdraid-node using this data dir?)",
+                        path.display()
+                    )));
+                }
+            }
+        };
         let volumes = db.open_tree("volumes").map_err(db_err)?;
         Ok(Self { db, volumes })
     }

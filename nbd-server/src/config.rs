@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{BlockSizes, OpKind, default_cost};
 use crate::error::{Error, Result};
+use crate::fault::FaultSpec;
 use crate::store::file::IoMode;
+use crate::throttle::ThrottleSettings;
 use crate::volumes::validate_name;
 
 /// A volume declared in the configuration, created at start-up if missing.
@@ -77,6 +79,11 @@ impl FromStr for VolumeSpec {
 pub struct ThrottleConfig {
     /// Memory budget for request buffers, in bytes (`256M`).
     pub capacity: ByteSize,
+    /// Part of the capacity reserved for background traffic (rebuild,
+    /// resync, scrub); default a quarter, at least the largest request.
+    pub background_reserve: Option<ByteSize>,
+    /// Seconds a grant's lease lives without a renewal.
+    pub lease_ttl_secs: u64,
     /// Turn the throttle off (for measurements only: memory is then unbounded).
     pub enabled: bool,
 }
@@ -85,6 +92,8 @@ impl Default for ThrottleConfig {
     fn default() -> Self {
         Self {
             capacity: ByteSize(256 << 20),
+            background_reserve: None,
+            lease_ttl_secs: 10,
             enabled: true,
         }
     }
@@ -98,6 +107,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Prometheus metrics address; none to disable.
     pub metrics_listen: Option<SocketAddr>,
+    /// gRPC control plane address (admin, throttle); none to disable.
+    pub grpc_listen: Option<SocketAddr>,
     /// Directory holding the catalog and the volume files.
     pub data_dir: PathBuf,
     /// File to write the bound addresses to (JSON) once listening.
@@ -123,6 +134,10 @@ pub struct NodeConfig {
     pub log: String,
     /// Writeout throttle.
     pub throttle: ThrottleConfig,
+    /// FOR TESTING ONLY: storage faults to inject (needs a build with the
+    /// `fault-injection` feature; rejected otherwise).
+    #[serde(rename = "fault")]
+    pub faults: Vec<FaultSpec>,
 }
 
 impl Default for NodeConfig {
@@ -130,6 +145,7 @@ impl Default for NodeConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 10809)),
             metrics_listen: None,
+            grpc_listen: None,
             data_dir: PathBuf::from("/var/lib/nbdraid/node"),
             ready_file: None,
             default_export: None,
@@ -142,6 +158,7 @@ impl Default for NodeConfig {
             threads: 0,
             log: "info".into(),
             throttle: ThrottleConfig::default(),
+            faults: Vec::new(),
         }
     }
 }
@@ -162,6 +179,22 @@ impl NodeConfig {
         }
     }
 
+    /// Returns the throttle division this configuration asks for.
+    pub fn throttle_settings(&self) -> ThrottleSettings {
+        let largest = default_cost(OpKind::Write, self.max_payload.0);
+        let capacity = self.throttle.capacity.0;
+        let background_reserve = match self.throttle.background_reserve {
+            Some(b) => b.0,
+            None => (capacity / 4).max(largest),
+        };
+        ThrottleSettings {
+            capacity,
+            background_reserve,
+            largest_request: largest,
+            enabled: self.throttle.enabled,
+        }
+    }
+
     /// Checks the configuration as a whole; the message says what to change.
     pub fn validate(&self) -> Result<()> {
         let max = self.max_payload.0;
@@ -171,12 +204,22 @@ impl NodeConfig {
                 self.max_payload
             )));
         }
-        let largest = default_cost(OpKind::Write, max);
-        if self.throttle.enabled && self.throttle.capacity.0 < largest {
-            return Err(Error::Config(format!(
-                "throttle capacity {} is smaller than the largest request ({} bytes for a {} write): it could never be admitted; raise throttle.capacity or lower max-payload",
-                self.throttle.capacity, largest, self.max_payload
-            )));
+        self.throttle_settings().check()?;
+        if self.throttle.lease_ttl_secs == 0 {
+            return Err(Error::Config(
+                "throttle.lease-ttl-secs must be at least 1".into(),
+            ));
+        }
+        if !self.faults.is_empty() && !cfg!(feature = "fault-injection") {
+            return Err(Error::Config(
+                "[[fault]] sections need a build with the fault-injection feature (testing only)"
+                    .into(),
+            ));
+        }
+        for f in &self.faults {
+            if !self.volumes.iter().any(|v| v.name == f.volume) {
+                tracing::warn!(volume = %f.volume, "fault declared for a volume not declared in this config");
+            }
         }
         if self.max_connections == 0 {
             return Err(Error::Config("max-connections must be at least 1".into()));
@@ -214,7 +257,7 @@ mod tests {
             data-dir = "/tmp/x"
             io-mode = "blocking"
             [throttle]
-            capacity = "64M"
+            capacity = "128M"
             [[volume]]
             name = "a"
             size = "1G"
@@ -228,7 +271,7 @@ mod tests {
         assert_eq!(c.volumes.len(), 2);
         assert_eq!(c.volumes[0].size.0, 1 << 30);
         assert!(c.volumes[1].read_only);
-        assert_eq!(c.throttle.capacity.0, 64 << 20);
+        assert_eq!(c.throttle.capacity.0, 128 << 20);
         assert_eq!(c.io_mode, IoMode::Blocking);
         c.validate().unwrap();
     }

@@ -228,6 +228,40 @@ pub const BASE_COST: u64 = 512;
 /// Units a BLOCK_STATUS reply may use at most (extents are bounded by the engine).
 pub const BLOCK_STATUS_COST: u64 = 8 * 1024 + BASE_COST;
 
+/// Fixed-point scale of `per_byte` in a published cost model (16.16).
+pub const PER_BYTE_ONE: u64 = 1 << 16;
+
+/// One operation's published cost: `base + ceil(per_byte * len / 2^16)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpCostModel {
+    /// The operation.
+    pub op: OpKind,
+    /// Units regardless of length.
+    pub base: u64,
+    /// Units per byte, 16.16 fixed point.
+    pub per_byte: u64,
+}
+
+impl OpCostModel {
+    /// Returns the cost of `len` bytes under this model (rounded up).
+    pub fn cost(&self, len: u64) -> u64 {
+        let scaled = (self.per_byte as u128 * len as u128).div_ceil(PER_BYTE_ONE as u128);
+        self.base + scaled as u64
+    }
+}
+
+/// The published form of [`default_cost`].
+pub fn default_cost_model() -> Vec<OpCostModel> {
+    OpKind::ALL
+        .iter()
+        .map(|&op| OpCostModel {
+            op,
+            base: default_cost(op, 0),
+            per_byte: if op.has_data() { PER_BYTE_ONE } else { 0 },
+        })
+        .collect()
+}
+
 /// The cost model of a layer that holds one buffer of the request's length
 /// for READ and WRITE, and only bookkeeping for everything else.
 pub fn default_cost(op: OpKind, len: u64) -> u64 {
@@ -235,5 +269,19 @@ pub fn default_cost(op: OpKind, len: u64) -> u64 {
         OpKind::Read | OpKind::Write => BASE_COST + len,
         OpKind::BlockStatus => BLOCK_STATUS_COST,
         _ => BASE_COST,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_model_bounds_the_cost() {
+        for m in default_cost_model() {
+            for len in [0, 1, 511, 4096, 65537, 32 << 20] {
+                assert!(m.cost(len) >= default_cost(m.op, len), "{:?} {len}", m.op);
+            }
+        }
     }
 }

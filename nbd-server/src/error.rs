@@ -118,3 +118,25 @@ impl Error {
         }
     }
 }
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::UnknownVolume(_) => tonic::Status::not_found(msg),
+            Error::VolumeExists(_) => tonic::Status::already_exists(msg),
+            Error::BadRequest(_)
+            | Error::Invalid(_)
+            | Error::Config(_)
+            | Error::OutOfRange { .. } => tonic::Status::invalid_argument(msg),
+            Error::Busy(_) => tonic::Status::failed_precondition(msg),
+            Error::ReadOnly => tonic::Status::permission_denied(msg),
+            Error::NoSpace { .. } | Error::StorageFull { .. } | Error::Overflow(_) => {
+                tonic::Status::resource_exhausted(msg)
+            }
+            Error::ShuttingDown => tonic::Status::unavailable(msg),
+            Error::FastZeroUnsupported => tonic::Status::unimplemented(msg),
+            Error::Io { .. } | Error::Catalog(_) => tonic::Status::internal(msg),
+        }
+    }
+}

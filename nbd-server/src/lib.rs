@@ -15,10 +15,13 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod fault;
+pub mod grpc;
 pub mod metrics;
 pub mod node;
 pub mod store;
 pub mod throttle;
+pub mod upstream;
 pub mod volumes;
 
 pub use error::{Error, Result};

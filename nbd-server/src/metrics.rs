@@ -4,6 +4,7 @@
 //! recording a request costs a few atomic operations.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -14,6 +15,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::device::OpKind;
 
+/// Per-export counters readable in-process (for the admin API).
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Completed READs.
+    pub reads: AtomicU64,
+    /// Completed WRITEs.
+    pub writes: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Bytes written.
+    pub written_bytes: AtomicU64,
+    /// Failed requests.
+    pub errors: AtomicU64,
+    /// Other completed requests (flush, trim, zero, cache, block status).
+    pub other_ops: AtomicU64,
+    /// Requests that waited for throttle units.
+    pub throttle_waits: AtomicU64,
+    /// Open transmission-phase connections.
+    pub connections: AtomicU64,
+}
+
 /// Per-export request metrics.
 #[derive(Debug)]
 pub struct OpMetrics {
@@ -22,8 +44,11 @@ pub struct OpMetrics {
     latency: Vec<Histogram>,
     bytes_read: Counter,
     bytes_written: Counter,
-    /// Open transmission-phase connections to this export.
-    pub connections: Gauge,
+    connections: Gauge,
+    waits: Counter,
+    wait_seconds: Histogram,
+    /// Counters for the admin API.
+    pub stats: ExportStats,
 }
 
 impl OpMetrics {
@@ -47,21 +72,53 @@ impl OpMetrics {
                 .collect(),
             bytes_read: metrics::counter!("nbdraid_read_bytes_total", "export" => e.clone()),
             bytes_written: metrics::counter!("nbdraid_written_bytes_total", "export" => e.clone()),
-            connections: metrics::gauge!("nbdraid_connections", "export" => e),
+            connections: metrics::gauge!("nbdraid_connections", "export" => e.clone()),
+            waits: metrics::counter!("nbdraid_export_throttle_waits_total", "export" => e.clone()),
+            wait_seconds: metrics::histogram!("nbdraid_export_throttle_wait_seconds", "export" => e),
+            stats: ExportStats::default(),
         })
     }
 
     /// Records one completed request.
     pub fn record(&self, op: OpKind, len: u64, ok: bool, latency: Duration) {
         let i = op.index();
+        let st = &self.stats;
         self.ops[i].increment(1);
         self.latency[i].record(latency.as_secs_f64());
         if !ok {
             self.errors[i].increment(1);
+            st.errors.fetch_add(1, Ordering::Relaxed);
         } else if op == OpKind::Read {
             self.bytes_read.increment(len);
+            st.reads.fetch_add(1, Ordering::Relaxed);
+            st.read_bytes.fetch_add(len, Ordering::Relaxed);
         } else if op == OpKind::Write {
             self.bytes_written.increment(len);
+            st.writes.fetch_add(1, Ordering::Relaxed);
+            st.written_bytes.fetch_add(len, Ordering::Relaxed);
+        } else {
+            st.other_ops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that a request of this export waited `waited` for throttle units.
+    pub fn record_wait(&self, waited: Duration) {
+        self.waits.increment(1);
+        self.wait_seconds.record(waited.as_secs_f64());
+        self.stats.throttle_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection entering (+1) or leaving (-1) transmission.
+    pub fn connection(&self, delta: i64) {
+        self.connections.increment(delta as f64);
+        if delta >= 0 {
+            self.stats
+                .connections
+                .fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.stats
+                .connections
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
     }
 }

@@ -14,12 +14,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::BufferPool;
+use crate::catalog::NodeIdentity;
 use crate::catalog::{Catalog, SledCatalog};
 use crate::config::NodeConfig;
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::store::file::FileVolume;
 use crate::throttle::Throttle;
+use crate::upstream::Upstreams;
 use crate::volumes::Volumes;
 
 /// The addresses a started node listens on (what `--ready-file` records).
@@ -38,11 +40,24 @@ pub struct BoundAddrs {
 /// A node with its listeners bound, ready to serve.
 pub struct Node {
     config: NodeConfig,
+    identity: NodeIdentity,
     volumes: Arc<Volumes>,
     throttle: Arc<Throttle>,
+    upstreams: Arc<Upstreams>,
     nbd: TcpListener,
     metrics: Option<TcpListener>,
+    grpc: Option<TcpListener>,
     addrs: BoundAddrs,
+}
+
+async fn bind(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => TcpListener::bind(a)
+            .await
+            .map(Some)
+            .map_err(|e| Error::Config(format!("cannot listen on {a} for {what}: {e}"))),
+        None => Ok(None),
+    }
 }
 
 impl Node {
@@ -64,17 +79,13 @@ impl Node {
         for v in &config.volumes {
             volumes.ensure(&v.name, v.size.0, v.read_only)?;
         }
-        let throttle = Throttle::new("node", config.throttle.capacity.0, config.throttle.enabled);
-        let nbd = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
-        let metrics =
-            match config.metrics_listen {
-                Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
-                    Error::Config(format!("cannot listen on {a} for metrics: {e}"))
-                })?),
-                None => None,
-            };
+        apply_faults(&config, &volumes)?;
+        let throttle = Throttle::new("node", config.throttle_settings())?;
+        let nbd = bind(Some(config.listen), "NBD")
+            .await?
+            .ok_or_else(|| Error::Config("no NBD listener".into()))?;
+        let metrics = bind(config.metrics_listen, "metrics").await?;
+        let grpc = bind(config.grpc_listen, "gRPC").await?;
         let local = |l: &TcpListener| {
             l.local_addr()
                 .map_err(|e| Error::io("getsockname", "listener", e))
@@ -83,21 +94,26 @@ impl Node {
             pid: std::process::id(),
             nbd: local(&nbd)?,
             metrics: metrics.as_ref().map(local).transpose()?,
-            grpc: None,
+            grpc: grpc.as_ref().map(local).transpose()?,
         };
         tracing::info!(
             node = %identity.uuid,
             nbd = %addrs.nbd,
             metrics = ?addrs.metrics,
+            grpc = ?addrs.grpc,
+            capacity = throttle.capacity(),
             volumes = volumes.list()?.len(),
             "node listening"
         );
         Ok(Self {
             config,
+            identity,
             volumes,
             throttle,
+            upstreams: Upstreams::new(),
             nbd,
             metrics,
+            grpc,
             addrs,
         })
     }
@@ -129,6 +145,27 @@ impl Node {
             }
             _ => None,
         };
+        let grpc_task = self.grpc.map(|l| {
+            let throttle = crate::grpc::ThrottleService::new(
+                self.throttle.clone(),
+                self.upstreams.clone(),
+                self.config.max_payload.0,
+                Duration::from_secs(self.config.throttle.lease_ttl_secs),
+            );
+            let node = crate::grpc::NodeService::new(
+                self.volumes.clone(),
+                self.throttle.clone(),
+                self.identity.clone(),
+                self.addrs.nbd,
+            );
+            tokio::spawn(crate::grpc::serve(
+                l,
+                throttle,
+                node,
+                self.volumes.clone(),
+                shutdown.clone(),
+            ))
+        });
         let engine_config = EngineConfig {
             handshake_timeout: Duration::from_secs(self.config.handshake_timeout_secs),
             max_connections: self.config.max_connections,
@@ -139,16 +176,41 @@ impl Node {
         let engine: Arc<Engine<FileVolume, Volumes>> = Engine::new(
             self.volumes.clone(),
             self.throttle.clone(),
+            self.upstreams.clone(),
             pool,
             engine_config,
             shutdown.clone(),
         );
         engine.serve(self.nbd).await;
-        if let Some(t) = metrics_task {
+        for t in [metrics_task, grpc_task].into_iter().flatten() {
+            // Long-lived streams (leases, watches) must not hold up exit.
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
         tracing::info!("node stopped");
         Ok(())
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+fn apply_faults(config: &NodeConfig, volumes: &Volumes) -> Result<()> {
+    for f in &config.faults {
+        let dev = volumes
+            .device(&f.volume)
+            .ok_or_else(|| Error::Config(format!("fault for unknown volume {:?}", f.volume)))?;
+        tracing::warn!(fault = ?f, "FAULT INJECTION active (testing only)");
+        dev.faults().set(f);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn apply_faults(config: &NodeConfig, _volumes: &Volumes) -> Result<()> {
+    if config.faults.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(
+            "[[fault]] needs a build with the fault-injection feature".into(),
+        ))
     }
 }
 

@@ -192,6 +192,79 @@ impl Volumes {
         }
     }
 
+    /// Grows volume `name` to `new_size` bytes. Shrinking is refused: it
+    /// would destroy data. Connections already open keep seeing the size
+    /// they negotiated; new ones see the new size.
+    pub fn resize(&self, name: &str, new_size: u64) -> Result<VolumeRecord> {
+        let mut rec = self
+            .catalog
+            .get(name)?
+            .ok_or_else(|| Error::UnknownVolume(name.to_string()))?;
+        if new_size < rec.size {
+            return Err(Error::BadRequest(format!(
+                "volume {name:?} is {} bytes; shrinking to {new_size} would destroy data (only growing is supported)",
+                rec.size
+            )));
+        }
+        if new_size == rec.size {
+            return Ok(rec);
+        }
+        let dev = self.device(name).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "volume {name:?} is not open (its file is missing?)"
+            ))
+        })?;
+        if rec.read_only {
+            return Err(Error::BadRequest(format!("volume {name:?} is read-only")));
+        }
+        // File first, then the record: a crash in between leaves a longer
+        // file, which the catalog's size (authoritative) ignores.
+        dev.grow(new_size)?;
+        rec.size = new_size;
+        self.catalog.update(&rec)?;
+        tracing::info!(volume = name, size = new_size, "volume resized");
+        Ok(rec)
+    }
+
+    /// Deletes volume `name` and its file. Refused while clients are connected.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut map = self.write_map();
+        if let Some(export) = map.get(name) {
+            let conns = export
+                .metrics
+                .stats
+                .connections
+                .load(std::sync::atomic::Ordering::Acquire);
+            if conns > 0 {
+                return Err(Error::Busy(format!(
+                    "{name}: {conns} client connection(s) open"
+                )));
+            }
+        }
+        if self.catalog.get(name)?.is_none() {
+            return Err(Error::UnknownVolume(name.to_string()));
+        }
+        map.remove(name);
+        self.catalog.remove(name)?;
+        drop(map);
+        let path = self.path_of(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("delete", path.display().to_string(), e)),
+        }
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    /// Returns the export of volume `name` (device and metrics).
+    pub fn export(&self, name: &str) -> Option<Export<FileVolume>> {
+        self.read_map().get(name).cloned()
+    }
+
     /// Returns every volume record.
     pub fn list(&self) -> Result<Vec<VolumeRecord>> {
         self.catalog.list()

@@ -17,6 +17,12 @@ pub mod options;
 pub mod transmission;
 pub mod units;
 
+/// The gRPC control plane (generated from `proto/nbdraid.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod grpc {
+    tonic::include_proto!("nbdraid.v1");
+}
+
 pub use handshake::{
     ClientHandshakeCodec, ClientMessage, InfoItem, OptionReply, OptionRequest,
     ServerHandshakeCodec, ServerMessage,

@@ -24,6 +24,9 @@ struct Args {
     /// Prometheus metrics listen address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// gRPC control plane listen address (admin, throttle).
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
     /// Data directory (catalog and volume files).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -39,6 +42,9 @@ struct Args {
     /// Throttle capacity (request buffer memory budget), e.g. 256M.
     #[arg(long)]
     throttle_capacity: Option<ByteSize>,
+    /// Part of the throttle capacity reserved for background traffic, e.g. 64M.
+    #[arg(long)]
+    background_reserve: Option<ByteSize>,
     /// Disable the throttle (measurements only: memory becomes unbounded).
     #[arg(long)]
     no_throttle: bool,
@@ -79,6 +85,9 @@ fn build_config(args: &Args) -> anyhow::Result<NodeConfig> {
     if let Some(v) = args.metrics_listen {
         c.metrics_listen = Some(v);
     }
+    if let Some(v) = args.grpc_listen {
+        c.grpc_listen = Some(v);
+    }
     if let Some(v) = &args.data_dir {
         c.data_dir = v.clone();
     }
@@ -94,6 +103,9 @@ fn build_config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.throttle_capacity {
         c.throttle.capacity = v;
+    }
+    if let Some(v) = args.background_reserve {
+        c.throttle.background_reserve = Some(v);
     }
     if args.no_throttle {
         c.throttle.enabled = false;

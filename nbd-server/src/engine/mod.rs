@@ -28,6 +28,7 @@ use crate::buffer::BufferPool;
 use crate::device::BlockDevice;
 use crate::metrics::OpMetrics;
 use crate::throttle::Throttle;
+use crate::upstream::Upstreams;
 
 /// One export the engine can serve.
 pub struct Export<D> {
@@ -88,6 +89,7 @@ impl Default for EngineConfig {
 pub struct Engine<D, R> {
     registry: Arc<R>,
     throttle: Arc<Throttle>,
+    upstreams: Arc<Upstreams>,
     pool: Arc<BufferPool>,
     config: EngineConfig,
     shutdown: CancellationToken,
@@ -95,11 +97,13 @@ pub struct Engine<D, R> {
 }
 
 impl<D: BlockDevice, R: ExportRegistry<D>> Engine<D, R> {
-    /// Returns an engine serving `registry`'s exports under `throttle`,
-    /// with request buffers from `pool`, stopping when `shutdown` fires.
+    /// Returns an engine serving `registry`'s exports under `throttle`
+    /// (connections draw from the shares `upstreams` assigns them), with
+    /// request buffers from `pool`, stopping when `shutdown` fires.
     pub fn new(
         registry: Arc<R>,
         throttle: Arc<Throttle>,
+        upstreams: Arc<Upstreams>,
         pool: Arc<BufferPool>,
         config: EngineConfig,
         shutdown: CancellationToken,
@@ -107,6 +111,7 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Engine<D, R> {
         Arc::new(Self {
             registry,
             throttle,
+            upstreams,
             pool,
             config,
             shutdown,
@@ -190,8 +195,10 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Engine<D, R> {
             Ok(Ok(Some(s))) => s,
         };
         tracing::debug!(export = %session.export.name, structured = session.structured, "transmission");
-        let _ = peer;
-        transmission::run(self, session).await;
+        let share = self.upstreams.attach(peer);
+        let upstreams = self.upstreams.clone();
+        transmission::run(self, session, share.clone()).await;
+        upstreams.detach(peer, share);
         tracing::debug!("disconnected");
     }
 }

@@ -28,10 +28,12 @@ use nbdraid_proto::{RequestHeader, ServerTransmissionCodec};
 use super::handshake::{Session, transmission_flags};
 use super::reply::{self, Reply};
 use super::{Engine, ExportRegistry};
-use crate::device::{BlockDevice, IoContext, IoFuture, OpKind, ZeroFlags};
+use crate::device::{BlockDevice, IoClass, IoContext, IoFuture, OpKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::metrics::OpMetrics;
+use crate::throttle::BACKGROUND;
 use crate::throttle::ThrottleGuard;
+use crate::upstream::ConnShare;
 
 /// After shutdown begins, a connection idle for this long is closed.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
@@ -45,7 +47,7 @@ struct Conn<D, R> {
     flags: u16,
     structured: bool,
     meta_context: Option<u32>,
-    ctx: IoContext,
+    share: Arc<ConnShare>,
     tx: UnboundedSender<Reply>,
 }
 
@@ -54,11 +56,12 @@ struct Conn<D, R> {
 pub(super) async fn run<D: BlockDevice, R: ExportRegistry<D>>(
     engine: Arc<Engine<D, R>>,
     session: Session<D>,
+    share: Arc<ConnShare>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(reply::writer(session.writer, rx));
     let metrics = session.export.metrics.clone();
-    metrics.connections.increment(1.0);
+    metrics.connection(1);
     let conn = Conn {
         device: session.export.device.clone(),
         metrics: metrics.clone(),
@@ -67,7 +70,7 @@ pub(super) async fn run<D: BlockDevice, R: ExportRegistry<D>>(
         flags: transmission_flags(&session.info, session.structured),
         structured: session.structured,
         meta_context: session.meta_context,
-        ctx: IoContext::default(),
+        share,
         tx,
         engine,
     };
@@ -78,7 +81,7 @@ pub(super) async fn run<D: BlockDevice, R: ExportRegistry<D>>(
     // Every in-flight request holds a sender; the writer ends after the last reply.
     drop(conn);
     let _ = writer.await;
-    metrics.connections.decrement(1.0);
+    metrics.connection(-1);
 }
 
 impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
@@ -135,8 +138,13 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
                 continue;
             }
             let units = self.device.cost(op, hdr.length as u64);
-            let guard = match self.engine.throttle.acquire(units).await {
-                Ok(g) => g,
+            let guard = match self.engine.throttle.acquire(self.share.get(), units).await {
+                Ok((g, waited)) => {
+                    if !waited.is_zero() {
+                        self.metrics.record_wait(waited);
+                    }
+                    g
+                }
                 Err(e) => {
                     if op == OpKind::Write {
                         discard_payload(reader, hdr.length as u64).await?;
@@ -234,9 +242,10 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         let guard = self
             .engine
             .throttle
-            .acquire(crate::device::BASE_COST)
+            .acquire(self.share.get(), crate::device::BASE_COST)
             .await
-            .ok();
+            .ok()
+            .map(|(g, _)| g);
         if let Some(op) = op {
             self.metrics.record(op, 0, false, Duration::ZERO);
         }
@@ -256,7 +265,15 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         let (cookie, offset, len) = (h.cookie, h.offset, h.length as u64);
         let fua = h.flags & cmd_flags::FUA != 0;
         let dev = &self.device;
-        let ctx = self.ctx;
+        let share = self.share.get();
+        let ctx = IoContext {
+            upstream: share,
+            class: if share == BACKGROUND {
+                IoClass::Background
+            } else {
+                IoClass::Foreground
+            },
+        };
         let structured = self.structured;
         let done = Completion {
             tx: self.tx.clone(),

@@ -61,6 +61,8 @@ struct Inner {
     inline: bool,
     nowait_reads: AtomicBool,
     block_sizes: BlockSizes,
+    #[cfg(feature = "fault-injection")]
+    fault: crate::fault::FaultState,
 }
 
 impl Inner {
@@ -98,6 +100,8 @@ impl FileVolume {
                 inline,
                 nowait_reads: AtomicBool::new(mode == IoMode::Auto && !memory),
                 block_sizes,
+                #[cfg(feature = "fault-injection")]
+                fault: Default::default(),
             }),
         }
     }
@@ -122,6 +126,12 @@ impl FileVolume {
             .map_err(|e| inner.err("resize", e))?;
         inner.size.store(new_size, Ordering::Release);
         Ok(())
+    }
+
+    /// Returns the volume's injected faults (testing builds only).
+    #[cfg(feature = "fault-injection")]
+    pub fn faults(&self) -> &crate::fault::FaultState {
+        &self.inner.fault
     }
 
     /// Reports whether reads and writes run inline (memory-backed storage or
@@ -248,6 +258,17 @@ fn block_status(inner: &Inner, offset: u64, len: u64, max: usize) -> Result<Vec<
     Ok(out)
 }
 
+/// Applies injected faults (testing builds only; nothing otherwise).
+macro_rules! fault {
+    ($inner:expr, $op:ident, $len:expr) => {
+        #[cfg(feature = "fault-injection")]
+        $inner
+            .fault
+            .apply(&$inner.name, crate::fault::FaultOp::$op, $len)
+            .await?;
+    };
+}
+
 impl BlockDevice for FileVolume {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -271,6 +292,7 @@ impl BlockDevice for FileVolume {
     fn read(&self, _ctx: IoContext, offset: u64, mut buf: IoBuf) -> IoFuture<IoBuf> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            fault!(inner, Read, buf.len() as u64);
             let mut done = 0usize;
             if inner.inline {
                 sys::read_at(inner.fd(), &mut buf, offset).map_err(|e| inner.err("read", e))?;
@@ -297,6 +319,7 @@ impl BlockDevice for FileVolume {
     fn write(&self, _ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<IoBuf> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            fault!(inner, Write, buf.len() as u64);
             if inner.inline {
                 sys::write_at(inner.fd(), &buf, offset, fua).map_err(|e| inner.err("write", e))?;
                 return Ok(buf);
@@ -312,6 +335,7 @@ impl BlockDevice for FileVolume {
     fn flush(&self, _ctx: IoContext) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            fault!(inner, Flush, 0);
             blocking(&inner, "flush", |i| {
                 sys::datasync(i.fd()).map_err(|e| i.err("flush", e))
             })
@@ -322,6 +346,7 @@ impl BlockDevice for FileVolume {
     fn trim(&self, _ctx: IoContext, offset: u64, len: u64, fua: bool) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            fault!(inner, Write, 0);
             blocking(&inner, "trim", move |i| {
                 match punch(i, offset, len) {
                     Ok(()) => {}
@@ -347,6 +372,7 @@ impl BlockDevice for FileVolume {
     ) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            fault!(inner, Write, 0);
             blocking(&inner, "write zeroes", move |i| {
                 zero_range(i, offset, len, flags)?;
                 if flags.fua {
@@ -361,6 +387,7 @@ impl BlockDevice for FileVolume {
     fn cache(&self, _ctx: IoContext, offset: u64, len: u64) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            fault!(inner, Read, 0);
             // Advisory: a failure to prefetch is not an error of the request.
             if let Err(e) = sys::will_need(inner.fd(), offset, len) {
                 tracing::debug!(volume = %inner.name, error = %e, "fadvise WILLNEED failed");
@@ -378,6 +405,7 @@ impl BlockDevice for FileVolume {
     ) -> IoFuture<Vec<Extent>> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            fault!(inner, Read, 0);
             if inner.inline {
                 return block_status(&inner, offset, len, max_extents);
             }
