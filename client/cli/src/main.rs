@@ -1,5 +1,75 @@
-//! The `nbdraid` command-line tool.
-fn main() {
-    eprintln!("nbdraid: no commands yet");
-    std::process::exit(2);
+//! The `nbdraid` command-line tool: a thin dispatcher, one module per
+//! subcommand.
+//!
+//! - `info URI`: what an export offers, and its allocation map ([`info`]).
+//! - `cp SRC DST`: sparse, pipelined copy between files and exports ([`cp`]).
+//! - `bench URI`: a load generator on the completion ring ([`bench`]).
+//!
+//! Every error ends the process with status 1 and one message on stderr;
+//! usage errors exit with status 2 (clap's convention).
+
+mod bench;
+mod cp;
+mod info;
+mod nbd;
+mod units;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// nbdraid: tools for NBD exports served by nbdraid nodes and arrays (and
+/// any other NBD server).
+#[derive(Debug, Parser)]
+#[command(name = "nbdraid", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show an export's size, flags, block sizes and allocation summary.
+    Info(info::Args),
+    /// Copy between local files/devices and NBD exports, keeping holes.
+    Cp(cp::Args),
+    /// Generate load on an export and measure IOPS, latency and CPU per I/O.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nbdraid: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let threads = match &cli.command {
+        Command::Bench(a) => a.threads,
+        _ => 0,
+    };
+    let runtime = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Info(a) => info::run(a).await,
+            Command::Cp(a) => cp::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
+        }
+    })
 }
