@@ -6,12 +6,15 @@
 //! sizes: 4 KiB, 64 KiB, 1 MiB, 32 MiB), so the hot path neither allocates
 //! nor faults in fresh pages.
 //!
-//! Invariant: the bytes the pool *keeps* never exceed its limit. Together
-//! with the throttle, which bounds the bytes *in use* to its capacity, this
-//! bounds the process's buffer memory: freed memory that the pool does not
-//! keep goes back to the allocator, and because the daemon pins glibc's
-//! mmap threshold at start-up (see [`pin_malloc_behaviour`]), large buffers
-//! are unmapped on free instead of lingering in an arena.
+//! Invariant: the bytes the pool keeps plus the bytes in use never exceed
+//! its limit while the bytes in use stay within it — and the throttle,
+//! whose capacity is the pool's limit, guarantees they do. A new buffer is
+//! allocated only after kept buffers of other sizes have been freed to
+//! make room. So the process's buffer memory is bounded by the capacity:
+//! freed memory the pool does not keep goes back to the allocator, and
+//! because the daemon pins glibc's mmap threshold at start-up (see
+//! [`pin_malloc_behaviour`]), large buffers are unmapped on free instead of
+//! lingering in an arena.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
@@ -29,6 +32,28 @@ pub struct BufferPool {
 struct PoolInner {
     free: HashMap<usize, Vec<Vec<u8>>>,
     kept_bytes: u64,
+    used_bytes: u64,
+}
+
+impl PoolInner {
+    /// Frees kept buffers of sizes other than `keep` until `need` more
+    /// bytes fit under `limit` (or nothing else can be freed).
+    fn make_room(&mut self, keep: usize, need: u64, limit: u64) {
+        while self.kept_bytes + self.used_bytes + need > limit {
+            let Some(victim) = self
+                .free
+                .iter()
+                .find(|(k, v)| **k != keep && !v.is_empty())
+                .map(|(k, _)| *k)
+            else {
+                return;
+            };
+            if let Some(list) = self.free.get_mut(&victim) {
+                list.pop();
+            }
+            self.kept_bytes -= victim as u64;
+        }
+    }
 }
 
 impl BufferPool {
@@ -48,7 +73,10 @@ impl BufferPool {
             let v = inner.free.get_mut(&len).and_then(|list| list.pop());
             if v.is_some() {
                 inner.kept_bytes -= len as u64;
+            } else {
+                inner.make_room(len, len as u64, self.limit);
             }
+            inner.used_bytes += len as u64;
             v
         };
         let data = reused.unwrap_or_else(|| vec![0u8; len]);
@@ -63,27 +91,23 @@ impl BufferPool {
         self.lock().kept_bytes
     }
 
+    /// Returns the number of bytes in buffers handed out and not yet returned.
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().used_bytes
+    }
+
     fn put(&self, data: Vec<u8>) {
         let len = data.len();
-        if len == 0 || len as u64 > self.limit {
+        let mut inner = self.lock();
+        inner.used_bytes -= (len as u64).min(inner.used_bytes);
+        if len == 0 {
             return;
         }
-        let mut inner = self.lock();
-        // Make room by dropping buffers of other sizes: the current size is
-        // the one in demand.
-        while inner.kept_bytes + len as u64 > self.limit {
-            let Some(victim) = inner
-                .free
-                .iter()
-                .find(|(k, v)| **k != len && !v.is_empty())
-                .map(|(k, _)| *k)
-            else {
-                return;
-            };
-            if let Some(list) = inner.free.get_mut(&victim) {
-                list.pop();
-            }
-            inner.kept_bytes -= victim as u64;
+        // Keep it only if it fits, dropping buffers of other sizes first:
+        // the size just returned is the one in demand.
+        inner.make_room(len, len as u64, self.limit);
+        if inner.kept_bytes + inner.used_bytes + len as u64 > self.limit {
+            return;
         }
         inner.kept_bytes += len as u64;
         inner.free.entry(len).or_default().push(data);
@@ -163,16 +187,34 @@ mod tests {
         let pool = BufferPool::new(3 * 4096);
         let a = pool.get(4096);
         let b = pool.get(4096);
-        let c = pool.get(8192);
         drop(a);
         drop(b);
         assert_eq!(pool.kept_bytes(), 8192);
-        // 8192 more would exceed the limit: a 4096 buffer is evicted.
+        assert_eq!(pool.used_bytes(), 0);
+        // A reused buffer moves from kept to used.
+        let a = pool.get(4096);
+        assert_eq!((pool.kept_bytes(), pool.used_bytes()), (4096, 4096));
+        drop(a);
+        // 8192 of a new size: a kept 4096 buffer is freed to make room.
+        let c = pool.get(8192);
+        assert_eq!(c.len(), 8192);
+        assert_eq!((pool.kept_bytes(), pool.used_bytes()), (4096, 8192));
         drop(c);
         assert!(pool.kept_bytes() <= 3 * 4096);
-        let d = pool.get(8192);
-        assert_eq!(d.len(), 8192);
-        assert!(pool.kept_bytes() <= 4096);
+    }
+
+    #[test]
+    fn kept_plus_used_stays_within_the_limit() {
+        let pool = BufferPool::new(64 << 10);
+        let small: Vec<_> = (0..16).map(|_| pool.get(4096)).collect();
+        drop(small);
+        assert_eq!(pool.kept_bytes(), 64 << 10);
+        // A new size evicts kept buffers before allocating.
+        let big = pool.get(32 << 10);
+        assert!(pool.kept_bytes() + pool.used_bytes() <= 64 << 10);
+        drop(big);
+        assert!(pool.kept_bytes() <= 64 << 10);
+        assert_eq!(pool.used_bytes(), 0);
     }
 
     #[test]

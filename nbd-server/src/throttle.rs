@@ -131,6 +131,7 @@ pub struct Throttle {
     peak: AtomicU64,
     gauge_available: metrics::Gauge,
     gauge_in_flight: metrics::Gauge,
+    gauge_peak: metrics::Gauge,
 }
 
 impl std::fmt::Debug for Throttle {
@@ -138,8 +139,7 @@ impl std::fmt::Debug for Throttle {
         f.debug_struct("Throttle")
             .field("layer", &self.layer)
             .field("capacity", &self.capacity)
-            .field("available", &self.available())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -183,6 +183,7 @@ impl Throttle {
         let t = Arc::new(Self {
             gauge_available: metrics::gauge!("nbdraid_throttle_available_units", "layer" => layer.clone()),
             gauge_in_flight: metrics::gauge!("nbdraid_throttle_in_flight_units", "layer" => layer.clone()),
+            gauge_peak: metrics::gauge!("nbdraid_throttle_peak_in_flight_units", "layer" => layer.clone()),
             layer,
             capacity: s.capacity,
             min_share: s.largest_request,
@@ -355,7 +356,9 @@ impl Throttle {
             s.used += units;
             s.gauge_in_flight.set(s.used as f64);
         }
-        self.peak.fetch_max(st.used, Ordering::Relaxed);
+        if self.peak.fetch_max(st.used, Ordering::Relaxed) < st.used {
+            self.gauge_peak.set(st.used as f64);
+        }
         self.publish(st.used);
     }
 
