@@ -154,6 +154,7 @@ fn throttle_bounds_memory_under_write_flood() {
     let json = dir.path().join("fio.json");
     let out = nbdraid_tests::run(
         tool("fio")
+            .current_dir(dir.path())
             .args(["--ioengine=nbd", "--output-format=json"])
             .arg(format!("--uri={}", node.uri("flood")))
             .arg(format!("--output={}", json.display()))

@@ -8,6 +8,8 @@ use serde_json::Value;
 
 fn fio(uri: &str, json_out: &Path, args: &[&str]) -> (std::process::Output, Value) {
     let mut c = tool("fio");
+    // fio drops *-verify.state files into its working directory: keep them in the scratch dir.
+    c.current_dir(json_out.parent().expect("scratch dir"));
     c.args(["--ioengine=nbd", "--output-format=json"])
         .arg(format!("--uri={uri}"))
         .arg(format!("--output={}", json_out.display()))
