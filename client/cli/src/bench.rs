@@ -77,7 +77,7 @@ pub struct Args {
     #[arg(long, short = 'b', default_value = "4k", value_parser = parse_size)]
     block_size: u64,
     /// Operations in flight.
-    #[arg(long, short = 'q', default_value_t = 32)]
+    #[arg(long, default_value_t = 32)]
     queue_depth: usize,
     /// NBD connections (one client each, unless --multi-conn).
     #[arg(long, short = 'c', default_value_t = 1)]

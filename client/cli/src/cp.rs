@@ -39,7 +39,7 @@ pub struct Args {
     /// Destination: a local file (created if missing) or device, or an NBD URI.
     dst: String,
     /// Requests in flight at once.
-    #[arg(long, short = 'q', default_value_t = 16)]
+    #[arg(long, default_value_t = 16)]
     queue_depth: usize,
     /// Size of each read and write.
     #[arg(long, short = 'b', default_value = "1M", value_parser = parse_size)]

@@ -1,0 +1,198 @@
+//! `nbdraid volume ...` and `nbdraid node ...`: a storage node's gRPC
+//! admin service.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use nbdraid_proto::ByteSize;
+use nbdraid_proto::grpc::node_client::NodeClient;
+use nbdraid_proto::grpc::{self};
+use nbdraid_proto::units::format_size;
+use tonic::transport::Channel;
+
+/// Volume administration.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (a sparse file reading as zeroes).
+    Create {
+        /// Volume name: letters, digits, `.`, `_`, `-`.
+        name: String,
+        /// Size, e.g. 10G.
+        size: ByteSize,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List volumes.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume (shrinking is refused).
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size, e.g. 20G.
+        size: ByteSize,
+    },
+    /// Delete a volume and its data (refused while clients are connected).
+    Delete {
+        /// Volume name.
+        name: String,
+    },
+    /// Show a volume's request counters.
+    Stats {
+        /// Volume name.
+        name: String,
+    },
+}
+
+/// Node administration.
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Show the node's identity, version, capacity and uptime.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+async fn connect(node: &str) -> Result<NodeClient<Channel>> {
+    let url = if node.contains("://") { node.to_string() } else { format!("http://{node}") };
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("bad node address {node:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach node at {node} (is --grpc-listen set on the node?)"))?;
+    Ok(NodeClient::new(channel))
+}
+
+/// Turns a gRPC status into an error carrying the node's own message.
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+fn print_volume(v: &grpc::Volume) {
+    println!(
+        "{:<24} {:>8} {:<3} {}",
+        v.name,
+        format_size(v.size),
+        if v.read_only { "ro" } else { "rw" },
+        v.uuid
+    );
+}
+
+fn volume_json(v: &grpc::Volume) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name, "size": v.size, "uuid": v.uuid,
+        "read_only": v.read_only, "created_unix": v.created_unix,
+    })
+}
+
+/// Runs a `volume` subcommand against the node at `node`.
+pub async fn volume(node: &str, cmd: VolumeCmd) -> Result<()> {
+    let mut c = connect(node).await?;
+    match cmd {
+        VolumeCmd::Create { name, size, read_only } => {
+            if size.0 == 0 {
+                bail!("size must be greater than 0");
+            }
+            let v = c
+                .create_volume(grpc::CreateVolumeRequest { name, size: size.0, read_only })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_volume(&v);
+        }
+        VolumeCmd::List { json } => {
+            let vs = c
+                .list_volumes(grpc::ListVolumesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .volumes;
+            if json {
+                println!("{}", serde_json::Value::Array(vs.iter().map(volume_json).collect()));
+            } else {
+                for v in &vs {
+                    print_volume(v);
+                }
+            }
+        }
+        VolumeCmd::Resize { name, size } => {
+            let v = c
+                .resize_volume(grpc::ResizeVolumeRequest { name, new_size: size.0 })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_volume(&v);
+        }
+        VolumeCmd::Delete { name } => {
+            c.delete_volume(grpc::DeleteVolumeRequest { name: name.clone() })
+                .await
+                .map_err(status)?;
+            println!("deleted {name}");
+        }
+        VolumeCmd::Stats { name } => {
+            let s = c
+                .volume_stats(grpc::VolumeStatsRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{}: connections {} reads {} ({}) writes {} ({}) other {} errors {} throttle-waits {}",
+                s.name,
+                s.connections,
+                s.reads,
+                format_size(s.read_bytes),
+                s.writes,
+                format_size(s.written_bytes),
+                s.other_ops,
+                s.errors,
+                s.throttle_waits
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a `node` subcommand against the node at `node`.
+pub async fn node(node: &str, cmd: NodeCmd) -> Result<()> {
+    let mut c = connect(node).await?;
+    match cmd {
+        NodeCmd::Info { json } => {
+            let i = c.node_info(grpc::NodeInfoRequest {}).await.map_err(status)?.into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "uuid": i.uuid, "version": i.version, "capacity": i.capacity,
+                        "available": i.available, "uptime_secs": i.uptime_secs,
+                        "nbd_addr": i.nbd_addr, "volumes": i.volumes,
+                        "created_unix": i.created_unix, "fault_injection": i.fault_injection,
+                    })
+                );
+            } else {
+                println!("node      {}", i.uuid);
+                println!("version   {}", i.version);
+                println!("nbd       {}", i.nbd_addr);
+                println!("volumes   {}", i.volumes);
+                println!(
+                    "throttle  {} capacity, {} available",
+                    format_size(i.capacity),
+                    format_size(i.available)
+                );
+                println!("uptime    {}s", i.uptime_secs);
+                if i.fault_injection {
+                    println!("WARNING   built with fault injection (testing only)");
+                }
+            }
+        }
+    }
+    Ok(())
+}
