@@ -230,6 +230,13 @@ impl Client {
         self.active().conns.len()
     }
 
+    /// Returns the local address of each connection: what the server sees
+    /// as the peer address, which an upstream registers with a node's
+    /// throttle lease to draw from its grant.
+    pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.active().conns.iter().filter_map(|c| c.local_addr()).collect()
+    }
+
     /// Returns the state of connection `i`.
     pub fn state(&self, i: usize) -> Option<ConnState> {
         self.active().conns.get(i).map(|c| c.state())

@@ -149,6 +149,7 @@ impl Shared {
 pub(crate) struct Conn {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
+    local: Option<std::net::SocketAddr>,
 }
 
 impl Drop for Conn {
@@ -173,6 +174,7 @@ impl Conn {
         wr: OwnedWriteHalf,
         timeouts: Timeouts,
     ) -> Self {
+        let local = wr.local_addr().ok();
         let (tx, rx) = mpsc::unbounded_channel();
         let (state, _) = watch::channel(ConnState::Ready);
         let shared = Arc::new(Shared {
@@ -194,7 +196,12 @@ impl Conn {
         if timeouts.request.is_some() || timeouts.stall.is_some() {
             tasks.push(tokio::spawn(watchdog(Arc::downgrade(&shared), timeouts)));
         }
-        Self { shared, tasks }
+        Self { shared, tasks, local }
+    }
+
+    /// Returns our end's address (what a node sees as the peer address).
+    pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.local
     }
 
     pub(crate) fn watch(&self) -> watch::Receiver<ConnState> {
