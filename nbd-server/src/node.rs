@@ -64,6 +64,8 @@ impl Node {
     /// Opens the data directory, creates declared volumes and binds the listeners.
     pub async fn start(config: NodeConfig) -> Result<Self> {
         config.validate()?;
+        // Before any metric handle exists: handles made earlier would be no-ops.
+        crate::metrics::install_recorder();
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Config(format!("cannot create data dir {}: {e}", dir.display())))?;

@@ -279,7 +279,7 @@ pub fn encode_block_status(context_id: u32, extents: &[Extent]) -> Bytes {
 
 /// Parses a BLOCK_STATUS chunk payload into its context id and extents.
 pub fn parse_block_status(mut data: &[u8]) -> Result<(u32, Vec<Extent>), ProtoError> {
-    if data.len() < 12 || (data.len() - 4) % 8 != 0 {
+    if data.len() < 12 || !(data.len() - 4).is_multiple_of(8) {
         return Err(ProtoError::Malformed("block status chunk"));
     }
     let id = data.get_u32();

@@ -50,7 +50,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Formats a size with the largest binary suffix that divides it exactly.
 pub fn format_size(n: u64) -> String {
     for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if n != 0 && n % (1u64 << shift) == 0 {
+        if n != 0 && n.is_multiple_of(1u64 << shift) {
             return format!("{}{}", n >> shift, suffix);
         }
     }

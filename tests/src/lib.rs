@@ -84,50 +84,65 @@ fn profile_name(dir: &Path) -> String {
     }
 }
 
-/// Path of the `nbdraid-node` binary, built (once per test process) if needed. Panics with
-/// cargo's output when the build fails.
+/// Builds `bin` of `package` with `features` in the tests' profile (unless
+/// `NBDRAID_TEST_NO_BUILD` is set) and returns its path.
+fn build_binary(
+    package: &str,
+    bin: &str,
+    features: &[&str],
+) -> std::result::Result<PathBuf, String> {
+    let dir = profile_dir();
+    let path = dir.join(bin);
+    if std::env::var_os("NBDRAID_TEST_NO_BUILD").is_none() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .arg("--profile")
+            .arg(profile_name(&dir));
+        if !features.is_empty() {
+            cmd.arg("--features").arg(features.join(","));
+        }
+        // The test binary may live under a custom target dir.
+        if let Some(target) = dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let out = run(&mut cmd, hang(1200)).map_err(|e| format!("cargo build: {e:#}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`cargo build -p {package}` failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{bin} binary not found at {}", path.display()))
+    }
+}
+
+/// Path of the `nbdraid-node` binary, built (once per test process) if needed, with the
+/// `fault-injection` feature (faults stay off unless a test sets them over gRPC). Panics
+/// with cargo's output when the build fails.
 pub fn node_binary() -> PathBuf {
     static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(p) = std::env::var_os("NBDRAID_NODE_BIN") {
             return Ok(PathBuf::from(p));
         }
-        let dir = profile_dir();
-        let bin = dir.join("nbdraid-node");
-        if std::env::var_os("NBDRAID_TEST_NO_BUILD").is_none() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(workspace_root())
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "nbdraid-node",
-                    "--bin",
-                    "nbdraid-node",
-                ])
-                .arg("--profile")
-                .arg(profile_name(&dir));
-            // The test binary may live under a custom target dir.
-            if let Some(target) = dir.parent() {
-                cmd.env("CARGO_TARGET_DIR", target);
-            }
-            let out = run(&mut cmd, hang(1200)).map_err(|e| format!("cargo build: {e:#}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "`cargo build -p nbdraid-node` failed:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-        }
-        if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(format!("node binary not found at {}", bin.display()))
-        }
+        build_binary("nbdraid-node", "nbdraid-node", &["fault-injection"])
     })
     .clone()
     .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Path of the `nbdraid` command-line tool, built (once per test process) if needed.
+pub fn cli_binary() -> PathBuf {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| build_binary("nbdraid-cli", "nbdraid", &[]))
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,6 +444,16 @@ pub fn backend() -> Backend {
         Ok("nbdkit") => Backend::Nbdkit,
         _ => Backend::Node,
     }
+}
+
+/// Reports whether the node (not a stand-in peer) is under test; prints a
+/// SKIP line for `test` otherwise.
+pub fn backend_is_node(test: &str) -> bool {
+    if backend() == Backend::Node {
+        return true;
+    }
+    eprintln!("SKIP {test}: node-specific");
+    false
 }
 
 /// Builder for [`Node`].
