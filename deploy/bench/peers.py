@@ -39,6 +39,7 @@ then SIGKILL), on success, error or signal.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -811,19 +812,22 @@ def environment(ctx, servers):
         "qemu-nbd": first_line(["qemu-nbd", "--version"]),
     }
     if any(s.base == NBDRAID for s in servers):
-        env["nbdraid-node"] = f"{first_line([ctx.node_bin, '--version'])} ({ctx.node_bin})"
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        head = first_line(["git", "-C", root, "rev-parse", "--short", "HEAD"])
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        untracked = subprocess.run(["git", "-C", root, "status", "--porcelain"],
-                                   capture_output=True, text=True).stdout.strip()
-        env["nbdraid-git"] = head + (" (tree has uncommitted changes)" if dirty or untracked else "")
+        env["nbdraid-node"] = f"{first_line([ctx.node_bin, '--version'])} ({ctx.node_bin_source})"
         try:
-            env["nbdraid-node-binary-mtime"] = time.strftime(
-                "%Y-%m-%d %H:%M:%S", time.localtime(os.stat(ctx.node_bin).st_mtime))
+            with open(ctx.node_bin, "rb") as f:
+                env["nbdraid-node-sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
+            env["nbdraid-node-mtime"] = time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(os.stat(ctx.node_bin_source).st_mtime))
         except OSError:
             pass
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if os.path.realpath(ctx.node_bin_source).startswith(os.path.realpath(root) + os.sep):
+            # Built from this tree: say which commit, and whether it had local edits.
+            head = first_line(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "nbd-server",
+                                    "proto", "Cargo.toml", "Cargo.lock"],
+                                   capture_output=True, text=True).stdout.strip()
+            env["nbdraid-git"] = head + (" + uncommitted changes" if dirty else "")
     return env
 
 
@@ -954,10 +958,16 @@ def main(argv):
         if not ctx.node_bin or not os.access(ctx.node_bin, os.X_OK):
             sys.exit(f"nbdraid-node binary not found ({ctx.node_bin}); run via peers.sh "
                      "or pass --node-bin")
+    servers = make_servers(ctx, names, variants)
     ctx.workdir = tempfile.mkdtemp(prefix="nbdraid-bench.", dir=a.workdir)
     ctx.data_dir = os.path.join(ctx.workdir, "node")
     ctx.backing = os.path.join(ctx.data_dir, "volumes", f"{EXPORT}.img")
-    servers = make_servers(ctx, names, variants)
+    ctx.node_bin_source = ctx.node_bin
+    if any(s.base == NBDRAID for s in servers):
+        # Run a private copy: a rebuild during the run must not change the
+        # binary under test between cells.
+        ctx.node_bin = os.path.join(ctx.workdir, "nbdraid-node")
+        shutil.copy2(ctx.node_bin_source, ctx.node_bin)
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")

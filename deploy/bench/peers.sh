@@ -9,18 +9,20 @@
 #   deploy/bench/peers.sh --variant nothrottle='--throttle off' \
 #       --servers nbdraid,nbdraid:nothrottle,nbdkit     # the same server twice
 #
-# --no-build skips cargo (uses the existing target/release/nbdraid-node).
+# --no-build skips cargo (uses the existing target/release/nbdraid-node);
+# --node-bin PATH runs that binary instead (and skips cargo too).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 
-build=1 need_node=1 args=() prev=
+build=1 need_node=1 args=() prev= node_bin=("--node-bin" "$target/release/nbdraid-node")
 for a in "$@"; do
   case $a in
     --no-build) build=0; continue ;;
     -h | --help | --list-rows) build=0 ;;
+    --node-bin | --node-bin=*) build=0 node_bin=() ;;
   esac
   servers=
   case $a in --servers=*) servers=${a#--servers=} ;; esac
@@ -39,4 +41,4 @@ if ((build && need_node)); then
   (cd "$root" && cargo build --release -p nbdraid-node)
 fi
 
-exec python3 "$here/peers.py" --node-bin "$target/release/nbdraid-node" "${args[@]}"
+exec python3 "$here/peers.py" "${node_bin[@]}" "${args[@]}"

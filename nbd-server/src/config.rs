@@ -290,8 +290,10 @@ mod tests {
         let mut c = NodeConfig::default();
         c.throttle.capacity = ByteSize(1 << 20);
         assert!(c.validate().is_err(), "capacity below the largest request");
-        let mut c = NodeConfig::default();
-        c.volumes = vec!["a:1M".parse().unwrap(), "a:2M".parse().unwrap()];
+        let c = NodeConfig {
+            volumes: vec!["a:1M".parse().unwrap(), "a:2M".parse().unwrap()],
+            ..Default::default()
+        };
         assert!(c.validate().is_err(), "duplicate volume");
         assert!("a".parse::<VolumeSpec>().is_err());
         assert!("a:1M:rw".parse::<VolumeSpec>().is_err());
