@@ -48,7 +48,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import peers  # noqa: E402  (the same directory)
 from peers import (CLK_TCK, MIB, Proc, busy_cores, first_line, log, log_tail,  # noqa: E402
                    parse_size, run_child, self_cpu, sys_cpu, tree_cpu_ticks, wait_no_children,
                    wait_quiet)

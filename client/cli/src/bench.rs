@@ -79,6 +79,11 @@ pub struct Args {
     /// Operations in flight.
     #[arg(long, default_value_t = 32)]
     queue_depth: usize,
+    /// Refill the queue only once at most this many operations are in
+    /// flight (like fio's iodepth_low); default: --queue-depth, which keeps
+    /// the queue full. Lower values batch submissions.
+    #[arg(long)]
+    queue_low: Option<usize>,
     /// NBD connections (one client each, unless --multi-conn).
     #[arg(long, short = 'c', default_value_t = 1)]
     connections: usize,
@@ -199,6 +204,9 @@ fn check_args(args: &Args) -> Result<()> {
             );
         }
     }
+    if args.queue_low.is_some_and(|l| l >= args.queue_depth) {
+        bail!("--queue-low must be below --queue-depth");
+    }
     if args.ops == Some(0) {
         bail!("--ops must be at least 1");
     }
@@ -269,6 +277,10 @@ struct Bench<'a> {
     next_client: usize,
     slots: Vec<Slot>,
     tracker: Option<Tracker>,
+    /// Refill when at most this many operations are in flight.
+    queue_low: usize,
+    /// Slots with nothing in flight.
+    free: Vec<usize>,
     /// Shared content of writes without --verify.
     wdata: Bytes,
     lat: Latencies,
@@ -306,6 +318,8 @@ impl<'a> Bench<'a> {
             rng,
             seq_next: 0,
             next_client: 0,
+            queue_low: args.queue_low.unwrap_or(args.queue_depth),
+            free: (0..args.queue_depth).rev().collect(),
             slots,
             tracker: args.verify.then(|| Tracker::new(blocks as usize)),
             wdata: Bytes::from(wdata),
@@ -319,25 +333,22 @@ impl<'a> Bench<'a> {
         })
     }
 
-    /// The measured run: keeps every slot busy until the time or the
+    /// The measured run: keeps the slots busy (refilling once at most
+    /// `queue_low` operations are in flight) until the time or the
     /// operation count is up, then drains.
     async fn run_timed(&mut self, start: Instant) -> Result<()> {
         let deadline = self.duration.map(|d| start + d);
-        let more =
-            |b: &Self, now: Instant| b.submitted < b.ops_limit && deadline.is_none_or(|d| now < d);
-        for slot in 0..self.slots.len() {
-            if !more(self, start) {
-                break;
-            }
-            let (write, block) = self.choose();
-            self.issue(slot, write, block, start)?;
-        }
+        let mut now = start;
         loop {
-            let now = Instant::now();
-            let go_on = more(self, now);
             while let Some(e) = self.next_completion() {
                 let slot = self.complete(e, now)?;
-                if go_on && self.submitted < self.ops_limit {
+                self.free.push(slot);
+            }
+            let in_flight = self.slots.len() - self.free.len();
+            let go_on = deadline.is_none_or(|d| now < d);
+            if go_on && in_flight <= self.queue_low {
+                while self.submitted < self.ops_limit {
+                    let Some(slot) = self.free.pop() else { break };
                     let (write, block) = self.choose();
                     self.issue(slot, write, block, now)?;
                 }
@@ -345,7 +356,10 @@ impl<'a> Bench<'a> {
             if self.ring.outstanding() == 0 && self.immediate.is_empty() {
                 return Ok(());
             }
-            self.ring.ring_wait(self.ring.user_tail()).await;
+            if self.immediate.is_empty() {
+                self.ring.ring_wait(self.ring.user_tail()).await;
+            }
+            now = Instant::now();
         }
     }
 
@@ -358,22 +372,23 @@ impl<'a> Bench<'a> {
             .map(|t| t.written().map(|(b, _)| b).collect())
             .unwrap_or_default();
         let mut todo = todo.into_iter();
-        for slot in 0..self.slots.len() {
-            let Some(block) = todo.next() else { break };
-            self.issue(slot, false, block, Instant::now())?;
-        }
         loop {
             let now = Instant::now();
             while let Some(e) = self.next_completion() {
                 let slot = self.complete(e, now)?;
-                if let Some(block) = todo.next() {
-                    self.issue(slot, false, block, now)?;
-                }
+                self.free.push(slot);
+            }
+            while let Some(&slot) = self.free.last() {
+                let Some(block) = todo.next() else { break };
+                self.free.pop();
+                self.issue(slot, false, block, now)?;
             }
             if self.ring.outstanding() == 0 && self.immediate.is_empty() {
                 return Ok(());
             }
-            self.ring.ring_wait(self.ring.user_tail()).await;
+            if self.immediate.is_empty() {
+                self.ring.ring_wait(self.ring.user_tail()).await;
+            }
         }
     }
 
@@ -567,6 +582,7 @@ impl<'a> Bench<'a> {
             },
             block_size: self.bs,
             queue_depth: args.queue_depth,
+            queue_low: self.queue_low,
             connections: clients.iter().map(Client::connections).sum(),
             connection_mode: if args.multi_conn {
                 "multi-conn"

@@ -124,6 +124,12 @@ fn ops_limit_and_text_output() {
     let v = bench(&srv.uri(), &["--ops", "1000", "--rw", "read"]);
     assert_eq!(v["ops"], 1000);
     assert_eq!(v["reads"], 1000);
+    let v = bench(
+        &srv.uri(),
+        &["--ops", "999", "--queue-low", "8", "--rw", "write"],
+    );
+    assert_eq!(v["ops"], 999);
+    assert_eq!(v["writes"], 999);
     let text = ok(&[
         "bench",
         "--ops",

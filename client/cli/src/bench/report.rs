@@ -148,6 +148,8 @@ pub struct Report {
     pub mix_read: u32,
     pub block_size: u64,
     pub queue_depth: usize,
+    /// The queue is refilled once at most this many are in flight.
+    pub queue_low: usize,
     /// NBD connections in use.
     pub connections: usize,
     /// "clients": one Client per connection; "multi-conn": one Client.
@@ -178,12 +180,17 @@ impl Report {
             other => other.to_string(),
         };
         println!(
-            "{}: {} {}, {} B blocks, QD {}, {} connection(s) ({}), {:.2} s",
+            "{}: {} {}, {} B blocks, QD {}{}, {} connection(s) ({}), {:.2} s",
             self.uri,
             self.pattern,
             rw,
             self.block_size,
             self.queue_depth,
+            if self.queue_low < self.queue_depth {
+                format!(" (refilled at {})", self.queue_low)
+            } else {
+                String::new()
+            },
             self.connections,
             self.connection_mode,
             self.seconds
