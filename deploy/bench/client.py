@@ -19,6 +19,10 @@ Rows (every row runs both clients, pinned to --client-cpus):
            one connection each sharing one completion ring; same total in
            flight as fio)
 
+With --queue-low L, every row also runs as ROW-lowL: the queue is refilled
+only once at most L (per connection) are in flight (fio --iodepth_low=L,
+nbdraid bench --queue-low N*L), which batches submissions.
+
 What is measured, per (server, row, client, pass):
 * IOPS: from the client's own JSON (fio: read+write total_ios / runtime;
   nbdraid bench: ops / seconds).
@@ -57,8 +61,12 @@ CLIENTS = ("fio", "nbdraid")
 
 
 class Row:
-    def __init__(self, name, rw, conns, bs="4k", qd=32):
+    def __init__(self, name, rw, conns, bs="4k", qd=32, low=None):
         self.name, self.rw, self.conns, self.bs, self.qd = name, rw, conns, bs, qd
+        self.low = low  # refill at this depth (per connection); None = keep full
+
+    def with_low(self, low):
+        return Row(f"{self.name}-low{low}", self.rw, self.conns, self.bs, self.qd, low)
 
 
 ROWS = [
@@ -177,14 +185,16 @@ def fio_cmd(ctx, row, uri, out):
     return ["fio", f"--name={row.name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={row.rw}",
             f"--bs={row.bs}", f"--iodepth={row.qd}", f"--numjobs={row.conns}",
             "--group_reporting", "--time_based", f"--runtime={int(ctx.runtime * 1000)}ms",
-            "--norandommap", "--output-format=json", f"--output={out}"]
+            "--norandommap", "--output-format=json", f"--output={out}"] + (
+                [f"--iodepth_low={row.low}"] if row.low is not None else [])
 
 
 def nbdraid_cmd(ctx, row, uri):
     rw = {"randread": "read", "randwrite": "write"}[row.rw]
     return [ctx.nbdraid_bin, "bench", "--json", "--pattern", "rand", "--rw", rw,
             "--block-size", row.bs, "--queue-depth", str(row.qd * row.conns),
-            "--connections", str(row.conns), "--duration", f"{ctx.runtime}s", uri]
+            "--connections", str(row.conns), "--duration", f"{ctx.runtime}s", uri] + (
+                ["--queue-low", str(row.low * row.conns)] if row.low is not None else [])
 
 
 def client_pin(ctx):
@@ -309,7 +319,7 @@ def fmt_k(x):
 def print_table(ctx, servers, rows, summary):
     print(f"\n## Results (median of {ctx.passes} passes x {ctx.runtime:g} s; "
           "client CPU = CPU seconds per million I/Os = us per I/O)")
-    hdr = (f"{'server':<8} {'row':<24}{'fio IOPS':>10}{'ours IOPS':>11}{'x IOPS':>8}"
+    hdr = (f"{'server':<8} {'row':<30}{'fio IOPS':>10}{'ours IOPS':>11}{'x IOPS':>8}"
            f"{'fio CPU':>9}{'ours CPU':>10}{'x CPU':>7}{'srv fio':>9}{'srv ours':>9}  goal")
     print(hdr)
     print("-" * len(hdr))
@@ -319,7 +329,7 @@ def print_table(ctx, servers, rows, summary):
             f, o = summary[s][row.name]["fio"], summary[s][row.name]["nbdraid"]
             if "error" in f or "error" in o:
                 err = f.get("error") or o.get("error")
-                print(f"{s:<8} {row.name:<24}  ERROR: {err.splitlines()[0][:80]}")
+                print(f"{s:<8} {row.name:<30}  ERROR: {err.splitlines()[0][:80]}")
                 verdicts.append(False)
                 continue
             ri = o["iops"] / f["iops"] if f["iops"] else None
@@ -327,7 +337,7 @@ def print_table(ctx, servers, rows, summary):
             ok = ri is not None and rc is not None and ri >= 1.0 and rc <= 0.7
             verdicts.append(ok)
             flag = "!" if f["disturbed"] or o["disturbed"] else " "
-            print(f"{s:<8} {row.name:<24}{fmt_k(f['iops']):>10}{fmt_k(o['iops']):>11}"
+            print(f"{s:<8} {row.name:<30}{fmt_k(f['iops']):>10}{fmt_k(o['iops']):>11}"
                   f"{ri:>8.2f}{f['client_us_per_io']:>9.2f}{o['client_us_per_io']:>10.2f}"
                   f"{rc:>7.2f}{f['server_us_per_io']:>9.2f}{o['server_us_per_io']:>9.2f}"
                   f"  {'met' if ok else 'MISSED'}{flag}")
@@ -346,6 +356,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", default="nbdkit,nbdraid", help="comma list of nbdkit, nbdraid")
     p.add_argument("--rows", default="all", help="comma list of rows: " + ", ".join(ROW_BY_NAME))
+    p.add_argument("--queue-low", type=int, metavar="L",
+                   help="also run every row refilling the queue at L in flight per connection")
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--runtime", type=float, default=10.0, help="seconds per run (default 10)")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 s runs, 1 pass, no retries")
@@ -398,6 +410,10 @@ def main(argv):
             if n not in ROW_BY_NAME:
                 sys.exit(f"unknown row {n!r}; rows: {', '.join(ROW_BY_NAME)}")
             rows.append(ROW_BY_NAME[n])
+    if a.queue_low is not None:
+        if not 0 <= a.queue_low < 32:
+            sys.exit("--queue-low must be between 0 and 31")
+        rows = [r for base in rows for r in (base, base.with_low(a.queue_low))]
     ctx.workdir = tempfile.mkdtemp(prefix="nbdraid-clientbench.", dir=a.workdir)
     # Private copies: a rebuild during the run can't change what is measured.
     ctx.nbdraid_bin = os.path.join(ctx.workdir, "nbdraid")
@@ -434,8 +450,8 @@ def main(argv):
         print(f"{'settings':>12}: {ctx.passes} passes x {ctx.runtime:g} s, export {a.size}, "
               f"server CPUs {ctx.server_cpus or 'any'}, client CPUs {ctx.client_cpus or 'any'}")
         for row in rows:
-            print(f"{row.name:>24}: fio " + " ".join(fio_cmd(ctx, row, "URI", "OUT")[1:]))
-            print(f"{'':>24}  nbdraid " + " ".join(nbdraid_cmd(ctx, row, "URI")[1:]))
+            print(f"{row.name:>30}: fio " + " ".join(fio_cmd(ctx, row, "URI", "OUT")[1:]))
+            print(f"{'':>30}  nbdraid " + " ".join(nbdraid_cmd(ctx, row, "URI")[1:]))
         sys.stdout.flush()
         make_random_file(ctx.random_file, ctx.size)
         t0 = time.monotonic()

@@ -18,14 +18,14 @@
 mod endpoint;
 mod plan;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args as ClapArgs;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
 use crate::units::{human, parse_size};
 use endpoint::Endpoint;
@@ -141,18 +141,62 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Progress on a stderr that is not a terminal (`--progress` into a log):
+/// one plain line per redraw, no cursor movement.
+#[derive(Debug)]
+struct LineLog;
+
+impl TermLike for LineLog {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        writeln!(std::io::stderr(), "{s}")
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        if s.is_empty() {
+            Ok(())
+        } else {
+            self.write_line(s)
+        }
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 fn progress_bar(args: &Args, size: u64) -> ProgressBar {
-    let show = !args.quiet && (args.progress || std::io::stderr().is_terminal());
-    if !show {
+    let tty = std::io::stderr().is_terminal();
+    if args.quiet || !(args.progress || tty) {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::stderr());
+    let target = if tty {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::term_like_with_hz(Box::new(LineLog), 1)
+    };
+    let bar = ProgressBar::with_draw_target(Some(size), target);
     if let Ok(style) = ProgressStyle::with_template(
         "{bytes:>10}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec:>12} eta {eta}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.enable_steady_tick(Duration::from_millis(if tty { 200 } else { 1000 }));
     bar
 }
 

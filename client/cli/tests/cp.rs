@@ -151,12 +151,15 @@ fn local_to_local_keeps_holes() {
     sparse_file(&src, 256 * MIB, &[(MIB, 4096), (200 * MIB + 3, 10_000)], 5);
     // The destination exists, longer and full of data: it is truncated first.
     std::fs::write(&dst, vec![0xffu8; 300 * MIB as usize]).unwrap();
-    ok(&[
-        "cp",
-        "--quiet",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-    ]);
+    // --progress forces progress lines although stderr is a pipe here.
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    let out = nbdraid(&["cp", "--progress", s, d]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/256.00 MiB"), "no progress lines: {err:?}");
     assert_same_content(&src, &dst);
     assert!(allocated(&dst) < 16 * MIB);
+    // --quiet: nothing at all.
+    let out = nbdraid(&["cp", "--quiet", s, d]);
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty());
 }
