@@ -178,14 +178,8 @@ pub(super) async fn negotiate<D: BlockDevice, R: ExportRegistry<D>>(
                     zeroes: !no_zeroes,
                 })?;
                 out.flush().await?;
-                let meta_context = meta_for(&meta, &export.name);
                 return Ok(Some(session(
-                    reader,
-                    out.wr,
-                    export,
-                    info,
-                    structured,
-                    meta_context,
+                    reader, out.wr, export, info, structured, &meta,
                 )));
             }
             opt::ABORT => {
@@ -295,14 +289,8 @@ pub(super) async fn negotiate<D: BlockDevice, R: ExportRegistry<D>>(
                 out.reply(OptionReply::ack(option))?;
                 if option == opt::GO {
                     out.flush().await?;
-                    let meta_context = meta_for(&meta, &export.name);
                     return Ok(Some(session(
-                        reader,
-                        out.wr,
-                        export,
-                        info,
-                        structured,
-                        meta_context,
+                        reader, out.wr, export, info, structured, &meta,
                     )));
                 }
             }
@@ -336,10 +324,6 @@ pub(super) async fn negotiate<D: BlockDevice, R: ExportRegistry<D>>(
         }
         out.flush().await?;
     }
-}
-
-fn meta_for(meta: &Option<String>, export: &str) -> Option<u32> {
-    (meta.as_deref() == Some(export)).then_some(BASE_ALLOCATION_ID)
 }
 
 /// Answers LIST/SET_META_CONTEXT: returns the export's canonical name and
@@ -391,13 +375,15 @@ fn session<D>(
     export: Export<D>,
     info: DeviceInfo,
     structured: bool,
-    meta_context: Option<u32>,
+    meta: &Option<String>,
 ) -> Session<D> {
+    // `base:allocation` counts only if it was selected for this very export.
+    let selected = structured && meta.as_deref() == Some(export.name.as_str());
     Session {
+        meta_context: selected.then_some(BASE_ALLOCATION_ID),
         export,
         info,
         structured,
-        meta_context: meta_context.filter(|_| structured),
         reader: reader.map_decoder(|_| ServerTransmissionCodec),
         writer,
     }
