@@ -174,19 +174,31 @@ async fn open(addr: &str, export: &str, config: &ClientConfig) -> Result<Active>
     let one = || async {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| ClientError::ConnectionLost { reason: format!("connect to {addr}: {e}"), possibly_applied: false })?;
+            .map_err(|e| ClientError::ConnectionLost {
+                reason: format!("connect to {addr}: {e}"),
+                possibly_applied: false,
+            })?;
         let _ = stream.set_nodelay(true);
         negotiate(stream, export, &config.handshake).await
     };
-    let timeouts = Timeouts { request: config.request_timeout, stall: config.stall_timeout };
+    let timeouts = Timeouts {
+        request: config.request_timeout,
+        stall: config.stall_timeout,
+    };
     let connect = async {
         let (info, rd, wr) = one().await?;
-        let n = if info.multi_conn() { config.connections.max(1) } else { 1 };
+        let n = if info.multi_conn() {
+            config.connections.max(1)
+        } else {
+            1
+        };
         let mut conns = vec![Arc::new(Conn::start(info.clone(), rd, wr, timeouts))];
         for _ in 1..n {
             let (i2, rd, wr) = one().await?;
             if i2.size != info.size || i2.flags != info.flags {
-                return Err(ClientError::Handshake("connections disagree about the export".into()));
+                return Err(ClientError::Handshake(
+                    "connections disagree about the export".into(),
+                ));
             }
             conns.push(Arc::new(Conn::start(i2, rd, wr, timeouts)));
         }
@@ -217,7 +229,10 @@ impl Client {
     }
 
     fn active(&self) -> Arc<Active> {
-        self.active.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Returns what the server told us about the export.
@@ -234,7 +249,11 @@ impl Client {
     /// as the peer address, which an upstream registers with a node's
     /// throttle lease to draw from its grant.
     pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
-        self.active().conns.iter().filter_map(|c| c.local_addr()).collect()
+        self.active()
+            .conns
+            .iter()
+            .filter_map(|c| c.local_addr())
+            .collect()
     }
 
     /// Returns the state of connection `i`.
@@ -289,10 +308,14 @@ impl Client {
         let (offset, len) = req.span();
         let (command, flags, name) = match &req {
             Request::Read { .. } => (cmd::READ, 0, "READ"),
-            Request::Write { fua, .. } => (cmd::WRITE, if *fua { cmd_flags::FUA } else { 0 }, "WRITE"),
+            Request::Write { fua, .. } => {
+                (cmd::WRITE, if *fua { cmd_flags::FUA } else { 0 }, "WRITE")
+            }
             Request::Flush => (cmd::FLUSH, 0, "FLUSH"),
             Request::Trim { .. } => (cmd::TRIM, 0, "TRIM"),
-            Request::WriteZeroes { no_hole, fast, fua, .. } => {
+            Request::WriteZeroes {
+                no_hole, fast, fua, ..
+            } => {
                 let mut f = 0;
                 if *no_hole {
                     f |= cmd_flags::NO_HOLE;
@@ -317,13 +340,17 @@ impl Client {
             return invalid("the server does not support FUA");
         }
         match command {
-            cmd::FLUSH if !info.has(tf::SEND_FLUSH) => return invalid("the server does not support FLUSH"),
+            cmd::FLUSH if !info.has(tf::SEND_FLUSH) => {
+                return invalid("the server does not support FLUSH");
+            }
             cmd::TRIM if !info.has(tf::SEND_TRIM) => return ok_now(None), // advisory
             cmd::CACHE if !info.has(tf::SEND_CACHE) => return ok_now(None), // advisory
             cmd::WRITE_ZEROES if !info.has(tf::SEND_WRITE_ZEROES) => {
                 return invalid("the server does not support WRITE_ZEROES");
             }
-            cmd::WRITE_ZEROES if flags & cmd_flags::FAST_ZERO != 0 && !info.has(tf::SEND_FAST_ZERO) => {
+            cmd::WRITE_ZEROES
+                if flags & cmd_flags::FAST_ZERO != 0 && !info.has(tf::SEND_FAST_ZERO) =>
+            {
                 return invalid("the server does not support FAST_ZERO");
             }
             cmd::BLOCK_STATUS if info.allocation_context.is_none() => {
@@ -335,11 +362,16 @@ impl Client {
         // Range and alignment.
         if command != cmd::FLUSH {
             if offset.checked_add(len).is_none_or(|end| end > info.size) {
-                return invalid(format!("{name} {offset}+{len} is beyond the end of the export ({})", info.size));
+                return invalid(format!(
+                    "{name} {offset}+{len} is beyond the end of the export ({})",
+                    info.size
+                ));
             }
             let m = info.min_block as u64;
             if m > 1 && (offset % m != 0 || len % m != 0) {
-                return invalid(format!("{name} {offset}+{len} is not aligned to the minimum block size {m}"));
+                return invalid(format!(
+                    "{name} {offset}+{len} is not aligned to the minimum block size {m}"
+                ));
             }
         }
         if active.conns.iter().all(|c| c.is_failed()) {
@@ -347,7 +379,10 @@ impl Client {
                 Some(ConnState::Failed(r)) => r,
                 _ => "no connection".into(),
             };
-            return Started::Done(Done::result(Err(ClientError::ConnectionLost { reason, possibly_applied: false })));
+            return Started::Done(Done::result(Err(ClientError::ConnectionLost {
+                reason,
+                possibly_applied: false,
+            })));
         }
         let piece_max = match command {
             cmd::READ | cmd::WRITE => info.max_payload as u64,
@@ -362,16 +397,32 @@ impl Client {
         if len == 0 && command != cmd::FLUSH {
             return ok_now(req_buf);
         }
-        let len = if command == cmd::BLOCK_STATUS { len.min(piece_max) } else { len };
-        let npieces = if command == cmd::FLUSH { 1 } else { len.div_ceil(piece_max) as usize };
+        let len = if command == cmd::BLOCK_STATUS {
+            len.min(piece_max)
+        } else {
+            len
+        };
+        let npieces = if command == cmd::FLUSH {
+            1
+        } else {
+            len.div_ceil(piece_max) as usize
+        };
         let split = npieces > 1;
         let is_read = command == cmd::READ;
         let deadline = self.config.request_timeout.map(|d| Instant::now() + d);
-        let (op_buf, mut whole_buf) = if split { (req_buf, None) } else { (None, req_buf) };
+        let (op_buf, mut whole_buf) = if split {
+            (req_buf, None)
+        } else {
+            (None, req_buf)
+        };
         let op = Op::new(npieces, op_buf, completer);
         for i in 0..npieces {
             let start = i as u64 * piece_max;
-            let n = if command == cmd::FLUSH { 0 } else { (len - start).min(piece_max) };
+            let n = if command == cmd::FLUSH {
+                0
+            } else {
+                (len - start).min(piece_max)
+            };
             let buf = if !is_read {
                 None
             } else if split {
@@ -382,7 +433,11 @@ impl Client {
             let piece = Piece {
                 op: op.clone(),
                 command,
-                offset: if command == cmd::FLUSH { 0 } else { offset + start },
+                offset: if command == cmd::FLUSH {
+                    0
+                } else {
+                    offset + start
+                },
                 len: n as u32,
                 buf_off: split.then_some(start as usize),
                 buf,
@@ -390,10 +445,13 @@ impl Client {
                 extents: Vec::new(),
                 error: None,
             };
-            let payload = data.as_ref().map(|d| d.slice(start as usize..(start + n) as usize));
+            let payload = data
+                .as_ref()
+                .map(|d| d.slice(start as usize..(start + n) as usize));
             let conn = self.pick(&active);
             if let Err((p, e)) = conn.submit(piece, flags, payload) {
-                p.op.clone().piece_done(Err(e), p.buf, p.buf_off, Vec::new());
+                p.op.clone()
+                    .piece_done(Err(e), p.buf, p.buf_off, Vec::new());
             }
         }
         Started::Pending
@@ -416,7 +474,9 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         match self.start(req, Completer::Async(tx)) {
             Started::Done(d) => d,
-            Started::Pending => rx.await.unwrap_or_else(|_| Done::result(Err(ClientError::Closed))),
+            Started::Pending => rx
+                .await
+                .unwrap_or_else(|_| Done::result(Err(ClientError::Closed))),
         }
     }
 
@@ -434,7 +494,13 @@ impl Client {
 
     /// Writes `data` at `offset`; with `fua` it is durable on return.
     pub async fn write(&self, offset: u64, data: impl Into<Bytes>, fua: bool) -> Result<()> {
-        self.submit(Request::Write { offset, data: data.into(), fua }).await.result
+        self.submit(Request::Write {
+            offset,
+            data: data.into(),
+            fua,
+        })
+        .await
+        .result
     }
 
     /// Makes every completed write durable.
@@ -449,9 +515,15 @@ impl Client {
 
     /// Makes a range read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<()> {
-        self.submit(Request::WriteZeroes { offset, len, no_hole, fast: false, fua: false })
-            .await
-            .result
+        self.submit(Request::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fast: false,
+            fua: false,
+        })
+        .await
+        .result
     }
 
     /// Hints that a range will be read soon.

@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use nbdraid_proto::consts::{cmd, reply};
 use nbdraid_proto::io::{discard_payload, read_payload};
 use nbdraid_proto::transmission::parse_block_status;
-use nbdraid_proto::{ClientHandshakeCodec, ClientTransmissionCodec, ErrorChunk, ReplyHeader, RequestHeader};
+use nbdraid_proto::{
+    ClientHandshakeCodec, ClientTransmissionCodec, ErrorChunk, ReplyHeader, RequestHeader,
+};
 
 use crate::error::ClientError;
 use crate::handshake::ExportInfo;
@@ -90,7 +92,8 @@ impl Piece {
             (Ok(()), Some(e)) => Err(e),
             (r, _) => r,
         };
-        self.op.piece_done(result, self.buf, self.buf_off, self.extents);
+        self.op
+            .piece_done(result, self.buf, self.buf_off, self.extents);
     }
 }
 
@@ -196,7 +199,11 @@ impl Conn {
         if timeouts.request.is_some() || timeouts.stall.is_some() {
             tasks.push(tokio::spawn(watchdog(Arc::downgrade(&shared), timeouts)));
         }
-        Self { shared, tasks, local }
+        Self {
+            shared,
+            tasks,
+            local,
+        }
     }
 
     /// Returns our end's address (what a node sees as the peer address).
@@ -234,7 +241,13 @@ impl Conn {
                 ConnState::Failed(r) => r.clone(),
                 _ => "connection closed".into(),
             };
-            return Err((piece, ClientError::ConnectionLost { reason, possibly_applied: false }));
+            return Err((
+                piece,
+                ClientError::ConnectionLost {
+                    reason,
+                    possibly_applied: false,
+                },
+            ));
         }
         let header = RequestHeader {
             flags,
@@ -256,7 +269,13 @@ impl Conn {
         };
         if s.tx.send(out).is_err() {
             if let Some(p) = s.table().try_remove(cookie as usize) {
-                return Err((p, ClientError::ConnectionLost { reason: "writer stopped".into(), possibly_applied: false }));
+                return Err((
+                    p,
+                    ClientError::ConnectionLost {
+                        reason: "writer stopped".into(),
+                        possibly_applied: false,
+                    },
+                ));
             }
         }
         Ok(())
@@ -264,13 +283,26 @@ impl Conn {
 
     /// Sends NBD_CMD_DISC after everything queued, then closes our side.
     pub(crate) fn disconnect(&self) {
-        let header = RequestHeader { flags: 0, command: cmd::DISC, cookie: u64::MAX, offset: 0, length: 0 };
-        let _ = self.shared.tx.send(Outgoing { header, payload: None });
+        let header = RequestHeader {
+            flags: 0,
+            command: cmd::DISC,
+            cookie: u64::MAX,
+            offset: 0,
+            length: 0,
+        };
+        let _ = self.shared.tx.send(Outgoing {
+            header,
+            payload: None,
+        });
         self.shared.state.send_replace(ConnState::Closed);
     }
 }
 
-async fn writer(shared: Arc<Shared>, mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+async fn writer(
+    shared: Arc<Shared>,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
     let mut heads = BytesMut::with_capacity(BATCH * 28);
     loop {
@@ -303,12 +335,18 @@ async fn writer(shared: Arc<Shared>, mut wr: OwnedWriteHalf, mut rx: mpsc::Unbou
             };
             match written {
                 Ok(0) => {
-                    shared.fail(ClientError::ConnectionLost { reason: "server closed the connection".into(), possibly_applied: false });
+                    shared.fail(ClientError::ConnectionLost {
+                        reason: "server closed the connection".into(),
+                        possibly_applied: false,
+                    });
                     return;
                 }
                 Ok(n) => IoSlice::advance_slices(&mut rest, n),
                 Err(e) => {
-                    shared.fail(ClientError::ConnectionLost { reason: format!("send: {e}"), possibly_applied: false });
+                    shared.fail(ClientError::ConnectionLost {
+                        reason: format!("send: {e}"),
+                        possibly_applied: false,
+                    });
                     return;
                 }
             }
@@ -334,10 +372,16 @@ async fn reader(shared: Arc<Shared>, mut rd: FramedRead<OwnedReadHalf, ClientTra
         };
         let hdr = match next {
             None => {
-                break ClientError::ConnectionLost { reason: "server closed the connection".into(), possibly_applied: false };
+                break ClientError::ConnectionLost {
+                    reason: "server closed the connection".into(),
+                    possibly_applied: false,
+                };
             }
             Some(Err(nbdraid_proto::ProtoError::Io(e))) => {
-                break ClientError::ConnectionLost { reason: format!("receive: {e}"), possibly_applied: false };
+                break ClientError::ConnectionLost {
+                    reason: format!("receive: {e}"),
+                    possibly_applied: false,
+                };
             }
             Some(Err(e)) => break protocol(e.to_string()),
             Some(Ok(h)) => h,
@@ -355,7 +399,10 @@ async fn reader(shared: Arc<Shared>, mut rd: FramedRead<OwnedReadHalf, ClientTra
 }
 
 fn io_lost(e: std::io::Error) -> ClientError {
-    ClientError::ConnectionLost { reason: format!("receive: {e}"), possibly_applied: false }
+    ClientError::ConnectionLost {
+        reason: format!("receive: {e}"),
+        possibly_applied: false,
+    }
 }
 
 /// Reads the payload of one reply into its request and completes the request when done.
@@ -367,13 +414,17 @@ async fn handle_reply(
     let key = hdr.cookie() as usize;
     let (command, offset, len, structured) = {
         let t = shared.table();
-        let p = t.get(key).ok_or_else(|| protocol(format!("reply for unknown cookie {key}")))?;
+        let p = t
+            .get(key)
+            .ok_or_else(|| protocol(format!("reply for unknown cookie {key}")))?;
         (p.command, p.offset, p.len, shared.info.structured)
     };
     match hdr {
         ReplyHeader::Simple { error, .. } => {
             if command == cmd::READ && structured {
-                return Err(protocol("simple reply to a READ after structured replies were negotiated"));
+                return Err(protocol(
+                    "simple reply to a READ after structured replies were negotiated",
+                ));
             }
             if error == 0 && command == cmd::READ {
                 let mut buf = take_buf(shared, key)?;
@@ -383,12 +434,24 @@ async fn handle_reply(
             }
             let p = shared.table().try_remove(key);
             if let Some(p) = p {
-                let res = if error == 0 { Ok(()) } else { Err(ClientError::Server { errno: error, message: String::new() }) };
+                let res = if error == 0 {
+                    Ok(())
+                } else {
+                    Err(ClientError::Server {
+                        errno: error,
+                        message: String::new(),
+                    })
+                };
                 p.finish(res);
             }
             Ok(())
         }
-        ReplyHeader::Chunk { flags, kind, length, .. } => {
+        ReplyHeader::Chunk {
+            flags,
+            kind,
+            length,
+            ..
+        } => {
             match kind {
                 reply::TYPE_OFFSET_DATA => {
                     if command != cmd::READ || length < 8 {
@@ -426,13 +489,18 @@ async fn handle_reply(
                 }
                 reply::TYPE_BLOCK_STATUS => {
                     let data = read_small(rd, length).await?;
-                    let (id, wire) = parse_block_status(&data).map_err(|e| protocol(e.to_string()))?;
+                    let (id, wire) =
+                        parse_block_status(&data).map_err(|e| protocol(e.to_string()))?;
                     if Some(id) == shared.info.allocation_context {
                         let mut t = shared.table();
                         if let Some(p) = t.get_mut(key) {
                             let mut at = p.offset;
                             for e in wire {
-                                p.extents.push(Extent { offset: at, len: e.length as u64, flags: e.flags });
+                                p.extents.push(Extent {
+                                    offset: at,
+                                    len: e.length as u64,
+                                    flags: e.flags,
+                                });
                                 at += e.length as u64;
                             }
                         }
@@ -451,7 +519,10 @@ async fn handle_reply(
                     }
                     let mut t = shared.table();
                     if let Some(p) = t.get_mut(key) {
-                        p.error.get_or_insert(ClientError::Server { errno: e.error, message: e.message });
+                        p.error.get_or_insert(ClientError::Server {
+                            errno: e.error,
+                            message: e.message,
+                        });
                     }
                 }
                 other => {
@@ -498,7 +569,11 @@ fn put_buf(shared: &Shared, key: usize, buf: Vec<u8>) {
 }
 
 async fn watchdog(shared: std::sync::Weak<Shared>, t: Timeouts) {
-    let shortest = [t.request, t.stall].into_iter().flatten().min().unwrap_or(Duration::from_secs(1));
+    let shortest = [t.request, t.stall]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(1));
     let tick = (shortest / 4).max(Duration::from_millis(5));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -511,7 +586,8 @@ async fn watchdog(shared: std::sync::Weak<Shared>, t: Timeouts) {
         let now = Instant::now();
         let (busy, expired) = {
             let tb = s.table();
-            let expired = t.request.is_some() && tb.iter().any(|(_, p)| p.deadline.is_some_and(|d| d <= now));
+            let expired =
+                t.request.is_some() && tb.iter().any(|(_, p)| p.deadline.is_some_and(|d| d <= now));
             (!tb.is_empty(), expired)
         };
         if expired {

@@ -55,9 +55,10 @@ impl ClientError {
     /// opposed to the caller asking for something invalid.
     pub fn is_member_failure(&self) -> bool {
         match self {
-            ClientError::Server { errno: e, .. } => {
-                !matches!(*e, errno::EINVAL | errno::ENOSPC | errno::EPERM | errno::EOVERFLOW | errno::ENOTSUP)
-            }
+            ClientError::Server { errno: e, .. } => !matches!(
+                *e,
+                errno::EINVAL | errno::ENOSPC | errno::EPERM | errno::EOVERFLOW | errno::ENOTSUP
+            ),
             ClientError::ConnectionLost { .. }
             | ClientError::Timeout(_)
             | ClientError::Protocol(_)

@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{Encoder, FramedRead};
 
-use nbdraid_proto::consts::{self, client_flags, handshake_flags, info, opt, rep, transmission_flags as tf};
+use nbdraid_proto::consts::{
+    self, client_flags, handshake_flags, info, opt, rep, transmission_flags as tf,
+};
 use nbdraid_proto::options::parse_meta_context_reply;
 use nbdraid_proto::{
     ClientHandshakeCodec, ClientMessage, InfoItem, InfoRequest, MetaContextRequest, OptionReply,
@@ -99,11 +101,15 @@ impl Talk {
         ClientHandshakeCodec::default()
             .encode(m, &mut self.buf)
             .map_err(|e| hs(e.to_string()))?;
-        self.wr.write_all(&self.buf).await.map_err(|e| hs(format!("send: {e}")))
+        self.wr
+            .write_all(&self.buf)
+            .await
+            .map_err(|e| hs(format!("send: {e}")))
     }
 
     async fn option(&mut self, option: u32, data: bytes::Bytes) -> Result<()> {
-        self.send(ClientMessage::Option(OptionRequest { option, data })).await
+        self.send(ClientMessage::Option(OptionRequest { option, data }))
+            .await
     }
 
     async fn next(&mut self) -> Result<ServerMessage> {
@@ -152,7 +158,11 @@ pub async fn negotiate(
     stream: TcpStream,
     export: &str,
     opts: &HandshakeOptions,
-) -> Result<(ExportInfo, FramedRead<OwnedReadHalf, ClientHandshakeCodec>, OwnedWriteHalf)> {
+) -> Result<(
+    ExportInfo,
+    FramedRead<OwnedReadHalf, ClientHandshakeCodec>,
+    OwnedWriteHalf,
+)> {
     let (rd, wr) = stream.into_split();
     let mut t = Talk {
         rd: FramedRead::new(rd, ClientHandshakeCodec::default()),
@@ -202,7 +212,8 @@ pub async fn negotiate(
             let r = t.reply(opt::SET_META_CONTEXT).await?;
             match r.reply_type {
                 rep::META_CONTEXT => {
-                    let (id, name) = parse_meta_context_reply(&r.data).map_err(|e| hs(e.to_string()))?;
+                    let (id, name) =
+                        parse_meta_context_reply(&r.data).map_err(|e| hs(e.to_string()))?;
                     if name == consts::BASE_ALLOCATION {
                         info.allocation_context = Some(id);
                     }
@@ -228,7 +239,11 @@ pub async fn negotiate(
                     }
                     InfoItem::Name(n) => info.canonical_name = Some(n),
                     InfoItem::Description(d) => info.description = Some(d),
-                    InfoItem::BlockSize { min, preferred, max } => {
+                    InfoItem::BlockSize {
+                        min,
+                        preferred,
+                        max,
+                    } => {
                         info.min_block = min.max(1);
                         info.preferred_block = preferred;
                         info.max_payload = if max == u32::MAX { 32 << 20 } else { max };
@@ -248,8 +263,11 @@ pub async fn negotiate(
     }
 
     // Fallback: NBD_OPT_EXPORT_NAME (no error reply exists: a close means "no").
-    t.option(opt::EXPORT_NAME, bytes::Bytes::copy_from_slice(export.as_bytes()))
-        .await?;
+    t.option(
+        opt::EXPORT_NAME,
+        bytes::Bytes::copy_from_slice(export.as_bytes()),
+    )
+    .await?;
     t.rd.decoder_mut().expect_export_name_reply(!no_zeroes);
     match t.next().await {
         Ok(ServerMessage::ExportName { size, flags, .. }) => {

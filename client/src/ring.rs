@@ -116,7 +116,9 @@ impl RingShared {
 
     fn reserve(&self) -> bool {
         self.reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r < self.elements).then_some(r + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r < self.elements).then_some(r + 1)
+            })
             .is_ok()
     }
 
@@ -200,7 +202,12 @@ impl CompletionRing {
 
     /// Submits `request` on `client`; see [`Indirect`]. Refused when every
     /// slot is spoken for.
-    pub fn indirect(&self, client: &Client, request: Request, caller_data: u64) -> Result<Indirect, Refused> {
+    pub fn indirect(
+        &self,
+        client: &Client,
+        request: Request,
+        caller_data: u64,
+    ) -> Result<Indirect, Refused> {
         if !self.shared.reserve() {
             return Err(Refused {
                 error: ClientError::RingFull(self.shared.elements),
@@ -212,7 +219,12 @@ impl CompletionRing {
 
     /// Like [`CompletionRing::indirect`], but waits for a free slot instead
     /// of refusing.
-    pub async fn indirect_wait(&self, client: &Client, request: Request, caller_data: u64) -> Indirect {
+    pub async fn indirect_wait(
+        &self,
+        client: &Client,
+        request: Request,
+        caller_data: u64,
+    ) -> Indirect {
         loop {
             let space = self.shared.space.notified();
             tokio::pin!(space);
@@ -289,7 +301,10 @@ impl CompletionRing {
                     if now >= d {
                         break false;
                     }
-                    g = s.cv.wait_timeout(g, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                    g =
+                        s.cv.wait_timeout(g, d - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
                 }
             }
         };

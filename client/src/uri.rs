@@ -31,7 +31,10 @@ pub fn parse(uri: &str) -> Result<(String, String), ClientError> {
     } else {
         format!("{authority}:{DEFAULT_PORT}")
     };
-    Ok((addr, percent_decode(export).map_err(|_| bad("bad percent-encoding"))?))
+    Ok((
+        addr,
+        percent_decode(export).map_err(|_| bad("bad percent-encoding"))?,
+    ))
 }
 
 fn percent_decode(s: &str) -> Result<String, ()> {
@@ -57,9 +60,18 @@ mod tests {
 
     #[test]
     fn parses_uris() {
-        assert_eq!(parse("nbd://127.0.0.1:1234/vol0").unwrap(), ("127.0.0.1:1234".into(), "vol0".into()));
-        assert_eq!(parse("nbd://host").unwrap(), ("host:10809".into(), "".into()));
-        assert_eq!(parse("nbd://[::1]:99/a%20b").unwrap(), ("[::1]:99".into(), "a b".into()));
+        assert_eq!(
+            parse("nbd://127.0.0.1:1234/vol0").unwrap(),
+            ("127.0.0.1:1234".into(), "vol0".into())
+        );
+        assert_eq!(
+            parse("nbd://host").unwrap(),
+            ("host:10809".into(), "".into())
+        );
+        assert_eq!(
+            parse("nbd://[::1]:99/a%20b").unwrap(),
+            ("[::1]:99".into(), "a b".into())
+        );
         assert!(parse("http://x").is_err());
         assert!(parse("nbd://h:notaport/x").is_err());
         assert!(parse("nbd:///x").is_err());
