@@ -449,7 +449,8 @@ impl Client {
                 .as_ref()
                 .map(|d| d.slice(start as usize..(start + n) as usize));
             let conn = self.pick(&active);
-            if let Err((p, e)) = conn.submit(piece, flags, payload) {
+            if let Err(refused) = conn.submit(piece, flags, payload) {
+                let (p, e) = *refused;
                 p.op.clone()
                     .piece_done(Err(e), p.buf, p.buf_off, Vec::new());
             }

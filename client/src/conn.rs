@@ -228,26 +228,27 @@ impl Conn {
         self.shared.table().len()
     }
 
-    /// Sends one piece; on failure hands it back with the error.
+    /// Sends one piece; on failure hands it back with the error (boxed:
+    /// the rare failure path should not make every result 168 bytes).
     pub(crate) fn submit(
         &self,
         piece: Piece,
         flags: u16,
         payload: Option<Bytes>,
-    ) -> Result<(), (Piece, ClientError)> {
+    ) -> Result<(), Box<(Piece, ClientError)>> {
         let s = &self.shared;
         if s.failed.load(Ordering::Acquire) {
             let reason = match &*s.state.borrow() {
                 ConnState::Failed(r) => r.clone(),
                 _ => "connection closed".into(),
             };
-            return Err((
+            return Err(Box::new((
                 piece,
                 ClientError::ConnectionLost {
                     reason,
                     possibly_applied: false,
                 },
-            ));
+            )));
         }
         let header = RequestHeader {
             flags,
@@ -267,16 +268,19 @@ impl Conn {
             header: RequestHeader { cookie, ..header },
             payload,
         };
-        if s.tx.send(out).is_err() {
-            if let Some(p) = s.table().try_remove(cookie as usize) {
-                return Err((
-                    p,
-                    ClientError::ConnectionLost {
-                        reason: "writer stopped".into(),
-                        possibly_applied: false,
-                    },
-                ));
-            }
+        let unsent = match s.tx.send(out) {
+            Ok(()) => None,
+            // The writer is gone; unless `fail` already took the piece, hand it back.
+            Err(_) => s.table().try_remove(cookie as usize),
+        };
+        if let Some(p) = unsent {
+            return Err(Box::new((
+                p,
+                ClientError::ConnectionLost {
+                    reason: "writer stopped".into(),
+                    possibly_applied: false,
+                },
+            )));
         }
         Ok(())
     }

@@ -113,15 +113,13 @@ impl Op {
         let finished = {
             let mut st = self.lock();
             match (data, buf_off) {
-                (Some(d), Some(off)) => {
-                    if result.is_ok() {
-                        if let Some(b) = st.buffer.as_mut() {
-                            b[off..off + d.len()].copy_from_slice(&d);
-                        }
+                (Some(d), Some(off)) if result.is_ok() => {
+                    if let Some(b) = st.buffer.as_mut() {
+                        b[off..off + d.len()].copy_from_slice(&d);
                     }
                 }
                 (Some(d), None) => st.buffer = Some(d),
-                (None, _) => {}
+                _ => {}
             }
             st.extents.extend(extents);
             if let Err(e) = result {
