@@ -133,8 +133,9 @@ impl Shared {
         }
         tracing::warn!(error = %err, "NBD connection failed");
         self.stop.cancel();
-        let pieces: Vec<Piece> = self.table().drain().collect();
+        // State first: a submission refused after the drain reports why.
         self.state.send_replace(ConnState::Failed(err.to_string()));
+        let pieces: Vec<Piece> = self.table().drain().collect();
         for p in pieces {
             let e = match &err {
                 ClientError::ConnectionLost { reason, .. } => ClientError::ConnectionLost {
@@ -237,19 +238,6 @@ impl Conn {
         payload: Option<Bytes>,
     ) -> Result<(), Box<(Piece, ClientError)>> {
         let s = &self.shared;
-        if s.failed.load(Ordering::Acquire) {
-            let reason = match &*s.state.borrow() {
-                ConnState::Failed(r) => r.clone(),
-                _ => "connection closed".into(),
-            };
-            return Err(Box::new((
-                piece,
-                ClientError::ConnectionLost {
-                    reason,
-                    possibly_applied: false,
-                },
-            )));
-        }
         let header = RequestHeader {
             flags,
             command: piece.command,
@@ -259,6 +247,23 @@ impl Conn {
         };
         let cookie = {
             let mut t = s.table();
+            // Checked under the table lock: `fail` sets `failed` before it
+            // drains the table, so a piece is either drained by it or
+            // refused here, never stranded in a dead connection's table.
+            if s.failed.load(Ordering::Acquire) {
+                drop(t);
+                let reason = match &*s.state.borrow() {
+                    ConnState::Failed(r) => r.clone(),
+                    _ => "connection closed".into(),
+                };
+                return Err(Box::new((
+                    piece,
+                    ClientError::ConnectionLost {
+                        reason,
+                        possibly_applied: false,
+                    },
+                )));
+            }
             if t.is_empty() {
                 s.touch();
             }
