@@ -470,10 +470,8 @@ async fn handle_reply(
                     read_payload(rd, &mut off).await.map_err(io_lost)?;
                     let at = u64::from_be_bytes(off);
                     let n = (length - 8) as u64;
-                    if at < offset || at + n > offset + len as u64 {
-                        return Err(protocol("OFFSET_DATA chunk outside the request"));
-                    }
-                    let start = (at - offset) as usize;
+                    let start = chunk_start(at, n, offset, len)
+                        .ok_or_else(|| protocol("OFFSET_DATA chunk outside the request"))?;
                     let mut buf = take_buf(shared, key)?;
                     let r = read_payload(rd, &mut buf[start..start + n as usize]).await;
                     put_buf(shared, key, buf);
@@ -487,10 +485,8 @@ async fn handle_reply(
                     read_payload(rd, &mut b).await.map_err(io_lost)?;
                     let at = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
                     let n = u32::from_be_bytes(b[8..].try_into().unwrap_or_default()) as u64;
-                    if at < offset || at + n > offset + len as u64 {
-                        return Err(protocol("OFFSET_HOLE chunk outside the request"));
-                    }
-                    let start = (at - offset) as usize;
+                    let start = chunk_start(at, n, offset, len)
+                        .ok_or_else(|| protocol("OFFSET_HOLE chunk outside the request"))?;
                     let mut t = shared.table();
                     if let Some(buf) = t.get_mut(key).and_then(|p| p.buf.as_mut()) {
                         buf[start..start + n as usize].fill(0);
@@ -510,7 +506,7 @@ async fn handle_reply(
                                     len: e.length as u64,
                                     flags: e.flags,
                                 });
-                                at += e.length as u64;
+                                at = at.saturating_add(e.length as u64);
                             }
                         }
                     }
@@ -549,6 +545,14 @@ async fn handle_reply(
             Ok(())
         }
     }
+}
+
+/// Returns where a chunk covering `[at, at + n)` starts in the buffer of a
+/// request for `[offset, offset + len)`, or `None` if it does not lie
+/// inside. `at` and `n` come from the server: nothing here may overflow.
+fn chunk_start(at: u64, n: u64, offset: u64, len: u32) -> Option<usize> {
+    let start = at.checked_sub(offset)?;
+    (start.checked_add(n)? <= len as u64).then_some(start as usize)
 }
 
 async fn read_small(
