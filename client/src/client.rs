@@ -444,6 +444,7 @@ impl Client {
                 deadline,
                 extents: Vec::new(),
                 error: None,
+                received: 0,
             };
             let payload = data
                 .as_ref()

@@ -80,11 +80,34 @@ pub(crate) struct Piece {
     pub deadline: Option<Instant>,
     pub extents: Vec<Extent>,
     pub error: Option<ClientError>,
+    /// READ bytes covered so far by structured data and hole chunks.
+    pub received: u64,
 }
 
 impl Piece {
     fn modifies(&self) -> bool {
         matches!(self.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES)
+    }
+
+    /// Returns why a successful structured reply (DONE, no error chunk)
+    /// does not answer this piece: a READ whose chunks do not cover it
+    /// exactly (part of the caller's buffer was never written), or a
+    /// BLOCK_STATUS without an extent for `base:allocation` (a caller
+    /// advancing by the extents' length would never advance).
+    fn unanswered(&self) -> Option<ClientError> {
+        if self.error.is_some() {
+            return None;
+        }
+        match self.command {
+            cmd::READ if self.received != self.len as u64 => Some(protocol(format!(
+                "READ reply covered {} of {} bytes",
+                self.received, self.len
+            ))),
+            cmd::BLOCK_STATUS if self.extents.is_empty() => Some(protocol(
+                "BLOCK_STATUS reply without a base:allocation extent",
+            )),
+            _ => None,
+        }
     }
 
     fn finish(self, result: Result<(), ClientError>) {
@@ -441,6 +464,9 @@ async fn handle_reply(
                 put_buf(shared, key, buf);
                 r.map_err(io_lost)?;
             }
+            if error == 0 && command == cmd::BLOCK_STATUS {
+                return Err(protocol("simple reply to BLOCK_STATUS"));
+            }
             let p = shared.table().try_remove(key);
             if let Some(p) = p {
                 let res = if error == 0 {
@@ -476,6 +502,9 @@ async fn handle_reply(
                     let r = read_payload(rd, &mut buf[start..start + n as usize]).await;
                     put_buf(shared, key, buf);
                     r.map_err(io_lost)?;
+                    if let Some(p) = shared.table().get_mut(key) {
+                        p.received += n;
+                    }
                 }
                 reply::TYPE_OFFSET_HOLE => {
                     if command != cmd::READ || length != 12 {
@@ -488,8 +517,11 @@ async fn handle_reply(
                     let start = chunk_start(at, n, offset, len)
                         .ok_or_else(|| protocol("OFFSET_HOLE chunk outside the request"))?;
                     let mut t = shared.table();
-                    if let Some(buf) = t.get_mut(key).and_then(|p| p.buf.as_mut()) {
-                        buf[start..start + n as usize].fill(0);
+                    if let Some(p) = t.get_mut(key) {
+                        if let Some(buf) = p.buf.as_mut() {
+                            buf[start..start + n as usize].fill(0);
+                        }
+                        p.received += n;
                     }
                 }
                 reply::TYPE_BLOCK_STATUS => {
@@ -539,6 +571,11 @@ async fn handle_reply(
             if flags & reply::FLAG_DONE != 0 {
                 let p = shared.table().try_remove(key);
                 if let Some(p) = p {
+                    if let Some(e) = p.unanswered() {
+                        // The piece fails with the protocol error, then the connection.
+                        p.finish(Err(e.clone()));
+                        return Err(e);
+                    }
                     p.finish(Ok(()));
                 }
             }
