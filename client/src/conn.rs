@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use nbdraid_proto::consts::{cmd, reply};
+use nbdraid_proto::consts::{cmd, errno, reply};
 use nbdraid_proto::io::{discard_payload, read_payload};
 use nbdraid_proto::transmission::parse_block_status;
 use nbdraid_proto::{
@@ -108,6 +108,17 @@ impl Piece {
             )),
             _ => None,
         }
+    }
+
+    /// Reports whether the server answered ESHUTDOWN (it is going away).
+    fn shutting_down(&self) -> bool {
+        matches!(
+            self.error,
+            Some(ClientError::Server {
+                errno: errno::ESHUTDOWN,
+                ..
+            })
+        )
     }
 
     fn finish(self, result: Result<(), ClientError>) {
@@ -430,6 +441,15 @@ async fn reader(shared: Arc<Shared>, mut rd: FramedRead<OwnedReadHalf, ClientTra
     shared.fail(err);
 }
 
+/// The error that ends a connection after the server answered ESHUTDOWN:
+/// the spec requires the client to disconnect then.
+fn shutdown() -> ClientError {
+    ClientError::ConnectionLost {
+        reason: "the server is shutting down (ESHUTDOWN)".into(),
+        possibly_applied: false,
+    }
+}
+
 fn io_lost(e: std::io::Error) -> ClientError {
     ClientError::ConnectionLost {
         reason: format!("receive: {e}"),
@@ -478,6 +498,9 @@ async fn handle_reply(
                     })
                 };
                 p.finish(res);
+            }
+            if error == errno::ESHUTDOWN {
+                return Err(shutdown());
             }
             Ok(())
         }
@@ -576,7 +599,11 @@ async fn handle_reply(
                         p.finish(Err(e.clone()));
                         return Err(e);
                     }
+                    let going_away = p.shutting_down();
                     p.finish(Ok(()));
+                    if going_away {
+                        return Err(shutdown());
+                    }
                 }
             }
             Ok(())
