@@ -386,7 +386,8 @@ impl Client {
         }
         let piece_max = match command {
             cmd::READ | cmd::WRITE => info.max_payload as u64,
-            cmd::BLOCK_STATUS => u32::MAX as u64 & !4095,
+            // The largest 32-bit length that keeps the minimum alignment.
+            cmd::BLOCK_STATUS => u32::MAX as u64 & !(info.min_block.max(4096) as u64 - 1),
             _ => ZERO_PIECE,
         };
         let (req_buf, data) = match req {

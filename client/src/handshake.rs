@@ -40,7 +40,8 @@ pub struct ExportInfo {
     pub min_block: u32,
     /// Preferred block size (4096 if not advertised).
     pub preferred_block: u32,
-    /// Maximum payload (32 MiB if not advertised).
+    /// Maximum payload (32 MiB if not advertised or unlimited), a multiple
+    /// of `min_block`.
     pub max_payload: u32,
     /// Structured replies were negotiated.
     pub structured: bool,
@@ -152,6 +153,38 @@ fn error_text(r: &OptionReply) -> String {
     }
 }
 
+/// Checks the server's NBD_INFO_BLOCK_SIZE and returns the (minimum,
+/// preferred, maximum payload) the client will use.
+///
+/// Every request must be a multiple of the minimum, and requests are split
+/// at the maximum payload, so the maximum is rounded down to a multiple of
+/// the minimum (the spec allows any maximum at least the preferred size,
+/// e.g. 1000 with a minimum of 512). A minimum that is not a power of two
+/// up to 64 KiB, or a maximum below it, breaks the spec's MUSTs and leaves
+/// no way to form valid requests: the handshake fails rather than
+/// dividing by zero later. The preferred size is only a hint.
+fn block_sizes(min: u32, preferred: u32, max: u32) -> Result<(u32, u32, u32)> {
+    let bad = || {
+        hs(format!(
+            "invalid block sizes from the server: minimum {min}, preferred {preferred}, maximum {max}"
+        ))
+    };
+    if !min.is_power_of_two() || min > 64 * 1024 {
+        return Err(bad());
+    }
+    let max = if max == u32::MAX { 32 << 20 } else { max };
+    let max = max - max % min;
+    if max == 0 {
+        return Err(bad());
+    }
+    let preferred = if preferred.is_power_of_two() && preferred >= min {
+        preferred
+    } else {
+        min.max(4096)
+    };
+    Ok((min, preferred, max))
+}
+
 /// Negotiates `export` on a connected stream; returns the export's
 /// information and the stream halves, positioned at the transmission phase.
 pub async fn negotiate(
@@ -244,9 +277,8 @@ pub async fn negotiate(
                         preferred,
                         max,
                     } => {
-                        info.min_block = min.max(1);
-                        info.preferred_block = preferred;
-                        info.max_payload = if max == u32::MAX { 32 << 20 } else { max };
+                        (info.min_block, info.preferred_block, info.max_payload) =
+                            block_sizes(min, preferred, max)?;
                     }
                     InfoItem::Unknown(..) => {}
                 },
