@@ -375,14 +375,18 @@ impl Client {
             }
         }
         if active.conns.iter().all(|c| c.is_failed()) {
-            let reason = match active.conns.first().map(|c| c.state()) {
-                Some(ConnState::Failed(r)) => r,
-                _ => "no connection".into(),
+            let err = match active.conns.first().map(|c| c.state()) {
+                Some(ConnState::Closed) => ClientError::Closed,
+                Some(ConnState::Failed(reason)) => ClientError::ConnectionLost {
+                    reason,
+                    possibly_applied: false,
+                },
+                _ => ClientError::ConnectionLost {
+                    reason: "no connection".into(),
+                    possibly_applied: false,
+                },
             };
-            return Started::Done(Done::result(Err(ClientError::ConnectionLost {
-                reason,
-                possibly_applied: false,
-            })));
+            return Started::Done(Done::result(Err(err)));
         }
         let piece_max = match command {
             cmd::READ | cmd::WRITE => info.max_payload as u64,

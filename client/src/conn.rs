@@ -142,6 +142,8 @@ struct Shared {
     tx: mpsc::UnboundedSender<Outgoing>,
     state: watch::Sender<ConnState>,
     failed: AtomicBool,
+    /// The client sent (or is sending) NBD_CMD_DISC.
+    closing: AtomicBool,
     /// Fired when the connection fails, to stop its tasks and close the socket.
     stop: CancellationToken,
     epoch: Instant,
@@ -168,7 +170,10 @@ impl Shared {
         tracing::warn!(error = %err, "NBD connection failed");
         self.stop.cancel();
         // State first: a submission refused after the drain reports why.
-        self.state.send_replace(ConnState::Failed(err.to_string()));
+        // After our DISC the server hanging up is the expected end.
+        if !self.closing.load(Ordering::Acquire) {
+            self.state.send_replace(ConnState::Failed(err.to_string()));
+        }
         let pieces: Vec<Piece> = self.table().drain().collect();
         for p in pieces {
             let e = match &err {
@@ -221,6 +226,7 @@ impl Conn {
             tx,
             state,
             failed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             stop: CancellationToken::new(),
             epoch: Instant::now(),
             last_progress: AtomicU64::new(0),
@@ -254,8 +260,10 @@ impl Conn {
         self.shared.state.borrow().clone()
     }
 
+    /// Reports whether the connection can no longer take requests (it
+    /// failed, or the client closed it).
     pub(crate) fn is_failed(&self) -> bool {
-        self.shared.failed.load(Ordering::Acquire)
+        self.shared.failed.load(Ordering::Acquire) || self.shared.closing.load(Ordering::Acquire)
     }
 
     /// Returns the number of pieces in flight.
@@ -272,59 +280,66 @@ impl Conn {
         payload: Option<Bytes>,
     ) -> Result<(), Box<(Piece, ClientError)>> {
         let s = &self.shared;
-        let header = RequestHeader {
-            flags,
-            command: piece.command,
-            cookie: 0,
-            offset: piece.offset,
-            length: piece.len,
-        };
-        let cookie = {
-            let mut t = s.table();
-            // Checked under the table lock: `fail` sets `failed` before it
-            // drains the table, so a piece is either drained by it or
-            // refused here, never stranded in a dead connection's table.
-            if s.failed.load(Ordering::Acquire) {
-                drop(t);
-                let reason = match &*s.state.borrow() {
-                    ConnState::Failed(r) => r.clone(),
-                    _ => "connection closed".into(),
-                };
-                return Err(Box::new((
-                    piece,
-                    ClientError::ConnectionLost {
-                        reason,
-                        possibly_applied: false,
-                    },
-                )));
-            }
-            if t.is_empty() {
-                s.touch();
-            }
-            t.insert(piece) as u64
-        };
+        let refuse = |piece, error| Err(Box::new((piece, error)));
+        // Everything below happens under the table lock:
+        // - `fail` sets `failed` before it drains the table, so a piece is
+        //   either drained by it or refused here, never stranded in a dead
+        //   connection's table;
+        // - `disconnect` queues DISC under the same lock, so no request is
+        //   queued behind it;
+        // - the reader cannot look the cookie up before the piece is in.
+        let mut t = s.table();
+        if s.failed.load(Ordering::Acquire) {
+            drop(t);
+            let reason = match &*s.state.borrow() {
+                ConnState::Failed(r) => r.clone(),
+                _ => "connection closed".into(),
+            };
+            let possibly_applied = false;
+            return refuse(
+                piece,
+                ClientError::ConnectionLost {
+                    reason,
+                    possibly_applied,
+                },
+            );
+        }
+        if s.closing.load(Ordering::Acquire) {
+            return refuse(piece, ClientError::Closed);
+        }
+        let slot = t.vacant_entry();
         let out = Outgoing {
-            header: RequestHeader { cookie, ..header },
+            header: RequestHeader {
+                flags,
+                command: piece.command,
+                cookie: slot.key() as u64,
+                offset: piece.offset,
+                length: piece.len,
+            },
             payload,
         };
-        let unsent = match s.tx.send(out) {
-            Ok(()) => None,
-            // The writer is gone; unless `fail` already took the piece, hand it back.
-            Err(_) => s.table().try_remove(cookie as usize),
-        };
-        if let Some(p) = unsent {
-            return Err(Box::new((
-                p,
+        if s.tx.send(out).is_err() {
+            let reason = "writer stopped".into();
+            let possibly_applied = false;
+            return refuse(
+                piece,
                 ClientError::ConnectionLost {
-                    reason: "writer stopped".into(),
-                    possibly_applied: false,
+                    reason,
+                    possibly_applied,
                 },
-            )));
+            );
+        }
+        slot.insert(piece);
+        if t.len() == 1 {
+            s.touch();
         }
         Ok(())
     }
 
     /// Sends NBD_CMD_DISC after everything queued, then closes our side.
+    /// From then on the connection refuses requests with
+    /// [`ClientError::Closed`], and the server hanging up after the DISC is
+    /// not a failure: the state stays [`ConnState::Closed`].
     pub(crate) fn disconnect(&self) {
         let header = RequestHeader {
             flags: 0,
@@ -333,10 +348,14 @@ impl Conn {
             offset: 0,
             length: 0,
         };
-        let _ = self.shared.tx.send(Outgoing {
-            header,
-            payload: None,
-        });
+        {
+            let _t = self.shared.table();
+            self.shared.closing.store(true, Ordering::Release);
+            let _ = self.shared.tx.send(Outgoing {
+                header,
+                payload: None,
+            });
+        }
         self.shared.state.send_replace(ConnState::Closed);
     }
 }
