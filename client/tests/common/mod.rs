@@ -39,9 +39,27 @@ pub async fn within_for<T>(limit: Duration, what: &str, fut: impl Future<Output 
 }
 
 /// Returns `len` reproducible pseudo-random bytes for `seed`.
+///
+/// Beyond 1 MiB (slow to generate in debug builds) a random 1 MiB base
+/// repeats, with every 4 KiB block stamped with its index, so data that
+/// lands at the wrong offset still differs.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    const BASE: usize = 1 << 20;
+    let mut base = vec![0u8; len.min(BASE)];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut base);
+    if len <= BASE {
+        return base;
+    }
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        let n = (len - v.len()).min(BASE);
+        v.extend_from_slice(&base[..n]);
+    }
+    for (i, block) in v.chunks_mut(4096).enumerate() {
+        let stamp = (seed ^ i as u64).to_le_bytes();
+        let n = block.len().min(8);
+        block[..n].copy_from_slice(&stamp[..n]);
+    }
     v
 }
 

@@ -364,6 +364,17 @@ impl Server {
         }
     }
 
+    /// Freezes the server with SIGSTOP (by the PID we spawned): it accepts
+    /// nothing and answers nothing until killed.
+    pub fn freeze(&self) {
+        let pid = self.pid().expect("server running");
+        let st = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .expect("run kill -STOP");
+        assert!(st.success(), "kill -STOP {pid}: {st}");
+    }
+
     /// Kills the server with SIGKILL (by the PID we spawned) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
