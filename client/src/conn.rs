@@ -11,7 +11,9 @@
 //! When the connection fails (reset, EOF, protocol error, timeout), every
 //! request in flight fails at once with a clear error, and later
 //! submissions fail immediately; nothing hangs. Writes that were in
-//! flight are reported as "possibly applied".
+//! flight when the connection was lost are reported as "possibly
+//! applied"; after a timeout every request in flight fails with
+//! [`ClientError::Timeout`], which for a write means the same.
 
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

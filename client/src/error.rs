@@ -31,9 +31,11 @@ pub enum ClientError {
         /// A write-class request may have reached the disk.
         possibly_applied: bool,
     },
-    /// The request's deadline passed, or the server stopped making progress.
-    /// The connection is closed: its other requests fail with
-    /// [`ClientError::ConnectionLost`].
+    /// A request's deadline passed (`request_timeout`), or the server made
+    /// no progress for `stall_timeout` with requests outstanding. The
+    /// connection is closed and every request in flight on it fails with
+    /// this error; a write-class request (WRITE, TRIM, WRITE_ZEROES) that
+    /// fails with it may have been applied.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
     /// The handshake failed.
