@@ -21,7 +21,7 @@ use nbdraid_client::{
 use nbdraid_proto::consts::{cmd, errno, reply, transmission_flags as tf};
 
 use common::fake::{Answer, Export, FakeConn, FakeServer, answer, block_status_payload};
-use common::{assert_same, connect, quick_config, random_bytes, within};
+use common::{assert_same, connect, quick_config, random_bytes, within, within_for};
 
 const BLOCK: usize = 4096;
 
@@ -967,4 +967,109 @@ async fn server_hangs_up_mid_read_payload() {
         ),
         "{r:?}"
     );
+}
+
+#[tokio::test]
+async fn non_fixed_newstyle_server() {
+    // Without FIXED_NEWSTYLE only NBD_OPT_EXPORT_NAME may be sent.
+    let export = Export {
+        fixed: false,
+        no_zeroes: false,
+        ..Export::default()
+    };
+    let (srv, _mem) = FakeServer::memory(export).await;
+    let client = connect(&srv.addr(), "x", no_deadlines()).await;
+    let info = client.info();
+    assert!(info.used_export_name && !info.structured);
+    within("write", client.write(100, vec![3u8; 1000], false))
+        .await
+        .expect("write");
+    assert_eq!(
+        within("read", client.read_at(100, 1000))
+            .await
+            .expect("read"),
+        vec![3u8; 1000]
+    );
+}
+
+#[tokio::test]
+async fn a_silent_server_fails_the_connect_not_hangs_it() {
+    // Accepts TCP, never sends the greeting.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let hold = tokio::spawn(async move {
+        let (_sock, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    let config = ClientConfig {
+        connect_timeout: Duration::from_millis(200),
+        ..no_deadlines()
+    };
+    let r = within_for(
+        Duration::from_secs(10),
+        "connect",
+        Client::connect(&addr, "", config),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(ClientError::Timeout(_))),
+        "{:?}",
+        r.map(|_| ())
+    );
+    hold.abort();
+}
+
+#[tokio::test]
+async fn huge_payload_free_requests_are_split() {
+    // A 16 GiB export that stores nothing: it answers and logs.
+    let size = 16u64 << 30;
+    let srv = FakeServer::start(
+        Export {
+            size,
+            ..Export::default()
+        },
+        |mut c: FakeConn| async move {
+            while let Some(r) = c.recv().await {
+                let a = if r.hdr.command == cmd::BLOCK_STATUS {
+                    Answer::Extents(vec![(r.hdr.length, 0)])
+                } else {
+                    Answer::Ok
+                };
+                if c.reply(&r, a).await.is_err() {
+                    return;
+                }
+            }
+        },
+    )
+    .await;
+    let client = connect(&srv.addr(), "", no_deadlines()).await;
+    let len = (3u64 << 30) + 512;
+    within("trim", client.trim(4096, len)).await.expect("trim");
+    within("zeroes", client.write_zeroes(8192, len, true))
+        .await
+        .expect("zeroes");
+    let ext = within("block status", client.block_status(0, 8 << 30))
+        .await
+        .expect("block status");
+    assert_eq!(ext[0].offset, 0);
+    let log = srv.log.lock().unwrap().clone();
+    for (command, start) in [(cmd::TRIM, 4096u64), (cmd::WRITE_ZEROES, 8192)] {
+        let pieces: Vec<_> = log.iter().filter(|h| h.command == command).collect();
+        assert!(pieces.len() > 1, "{command}: a 3 GiB range is split");
+        let total: u64 = pieces.iter().map(|h| h.length as u64).sum();
+        assert_eq!(total, len, "the pieces cover the range exactly");
+        let mut pieces = pieces;
+        pieces.sort_by_key(|h| h.offset);
+        let mut at = start;
+        for h in pieces {
+            assert_eq!(h.offset, at, "contiguous");
+            at += h.length as u64;
+        }
+    }
+    let bs: Vec<_> = log
+        .iter()
+        .filter(|h| h.command == cmd::BLOCK_STATUS)
+        .collect();
+    assert_eq!(bs.len(), 1);
+    assert!(bs[0].length > 0 && bs[0].length % 4096 == 0, "{:?}", bs[0]);
 }

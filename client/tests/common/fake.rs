@@ -56,6 +56,8 @@ pub struct Export {
     pub block_size: Option<(u32, u32, u32)>,
     /// Advertise NO_ZEROES in the greeting.
     pub no_zeroes: bool,
+    /// Advertise FIXED_NEWSTYLE (without it a client may only send EXPORT_NAME).
+    pub fixed: bool,
 }
 
 impl Default for Export {
@@ -73,6 +75,7 @@ impl Default for Export {
             structured: true,
             block_size: None,
             no_zeroes: true,
+            fixed: true,
         }
     }
 }
@@ -365,7 +368,10 @@ async fn negotiate(
     let _ = sock.set_nodelay(true);
     let (rd, mut wr) = sock.into_split();
     let mut rd = FramedRead::new(rd, ServerHandshakeCodec::default());
-    let mut gflags = handshake_flags::FIXED_NEWSTYLE;
+    let mut gflags = 0;
+    if export.fixed {
+        gflags |= handshake_flags::FIXED_NEWSTYLE;
+    }
     if export.no_zeroes {
         gflags |= handshake_flags::NO_ZEROES;
     }
@@ -373,6 +379,9 @@ async fn negotiate(
     let ClientMessage::Flags(cflags) = rd.next().await?.ok()? else {
         return None;
     };
+    if !export.fixed && cflags & client_flags::FIXED_NEWSTYLE != 0 {
+        return None; // a flag we did not advertise: the spec says drop the connection
+    }
     let zeroes = cflags & client_flags::NO_ZEROES == 0;
     let known = |name: &str| export.names.is_empty() || export.names.iter().any(|n| n == name);
     let flags = export.flags | tf::HAS_FLAGS;
@@ -381,6 +390,9 @@ async fn negotiate(
         let ClientMessage::Option(o) = rd.next().await?.ok()? else {
             return None;
         };
+        if !export.fixed && o.option != opt::EXPORT_NAME {
+            return None; // non-fixed newstyle knows nothing else
+        }
         match o.option {
             opt::STRUCTURED_REPLY if export.structured => {
                 structured = true;
