@@ -164,6 +164,33 @@ impl Shared {
         self.last_progress.store(now, Ordering::Relaxed);
     }
 
+    /// Initiates a soft disconnect: NBD_CMD_DISC goes out after every
+    /// request already queued, and no request is queued after it (both
+    /// under the table lock, which `Conn::submit` holds while queueing).
+    /// Replies to requests in flight are still read; the server closes the
+    /// connection once it has answered them. Publishes `state`, unless a
+    /// disconnect was already under way.
+    fn soft_disconnect(&self, state: ConnState) {
+        {
+            let _t = self.table();
+            if self.closing.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let header = RequestHeader {
+                flags: 0,
+                command: cmd::DISC,
+                cookie: u64::MAX,
+                offset: 0,
+                length: 0,
+            };
+            let _ = self.tx.send(Outgoing {
+                header,
+                payload: None,
+            });
+        }
+        self.state.send_replace(state);
+    }
+
     /// Marks the connection failed and fails every piece in flight.
     fn fail(&self, err: ClientError) {
         if self.failed.swap(true, Ordering::AcqRel) {
@@ -172,7 +199,8 @@ impl Shared {
         tracing::warn!(error = %err, "NBD connection failed");
         self.stop.cancel();
         // State first: a submission refused after the drain reports why.
-        // After our DISC the server hanging up is the expected end.
+        // After a soft disconnect the server hanging up is the expected end,
+        // and the state already says why the connection ended.
         if !self.closing.load(Ordering::Acquire) {
             self.state.send_replace(ConnState::Failed(err.to_string()));
         }
@@ -307,7 +335,15 @@ impl Conn {
             );
         }
         if s.closing.load(Ordering::Acquire) {
-            return refuse(piece, ClientError::Closed);
+            let error = match &*s.state.borrow() {
+                ConnState::Failed(reason) => ClientError::ConnectionLost {
+                    reason: reason.clone(),
+                    possibly_applied: false,
+                },
+                _ => ClientError::Closed,
+            };
+            drop(t);
+            return refuse(piece, error);
         }
         let slot = t.vacant_entry();
         let out = Outgoing {
@@ -343,22 +379,7 @@ impl Conn {
     /// [`ClientError::Closed`], and the server hanging up after the DISC is
     /// not a failure: the state stays [`ConnState::Closed`].
     pub(crate) fn disconnect(&self) {
-        let header = RequestHeader {
-            flags: 0,
-            command: cmd::DISC,
-            cookie: u64::MAX,
-            offset: 0,
-            length: 0,
-        };
-        {
-            let _t = self.shared.table();
-            self.shared.closing.store(true, Ordering::Release);
-            let _ = self.shared.tx.send(Outgoing {
-                header,
-                payload: None,
-            });
-        }
-        self.shared.state.send_replace(ConnState::Closed);
+        self.shared.soft_disconnect(ConnState::Closed);
     }
 }
 
@@ -462,13 +483,14 @@ async fn reader(shared: Arc<Shared>, mut rd: FramedRead<OwnedReadHalf, ClientTra
     shared.fail(err);
 }
 
-/// The error that ends a connection after the server answered ESHUTDOWN:
-/// the spec requires the client to disconnect then.
-fn shutdown() -> ClientError {
-    ClientError::ConnectionLost {
-        reason: "the server is shutting down (ESHUTDOWN)".into(),
-        possibly_applied: false,
-    }
+/// Reacts to an NBD_ESHUTDOWN reply: the spec says the client MUST then
+/// initiate a soft disconnect. The connection takes no more requests and
+/// is reported Failed (its member is going away); the requests in flight
+/// still get the server's answers until it closes the connection.
+fn server_shutting_down(shared: &Shared) {
+    let reason = "the server is shutting down (ESHUTDOWN)".to_string();
+    tracing::warn!("{reason}: disconnecting");
+    shared.soft_disconnect(ConnState::Failed(reason));
 }
 
 fn io_lost(e: std::io::Error) -> ClientError {
@@ -521,7 +543,7 @@ async fn handle_reply(
                 p.finish(res);
             }
             if error == errno::ESHUTDOWN {
-                return Err(shutdown());
+                server_shutting_down(shared);
             }
             Ok(())
         }
@@ -623,7 +645,7 @@ async fn handle_reply(
                     let going_away = p.shutting_down();
                     p.finish(Ok(()));
                     if going_away {
-                        return Err(shutdown());
+                        server_shutting_down(shared);
                     }
                 }
             }

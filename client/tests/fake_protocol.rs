@@ -713,23 +713,31 @@ async fn nonsensical_block_sizes_never_panic() {
     }
 }
 
-/// A server that answers the first request with `errno`, then keeps serving
-/// (so only the client can end the connection); reports when the client hangs up.
-async fn answers_first_with(e: u32) -> (FakeServer, Arc<AtomicBool>) {
+/// A server that waits for 4 requests, answers the first with ESHUTDOWN
+/// and the others normally (a server finishing its in-flight work), then
+/// keeps serving until the client disconnects; reports when it does.
+async fn shutting_down_server() -> (FakeServer, Arc<AtomicBool>) {
     let hung_up = Arc::new(AtomicBool::new(false));
     let h2 = hung_up.clone();
     let mem = Arc::new(Mutex::new(vec![0u8; 1 << 20]));
     let srv = FakeServer::start(Export::default(), move |mut c: FakeConn| {
         let (h2, mem) = (h2.clone(), mem.clone());
         async move {
-            let mut first = true;
-            while let Some(r) = c.recv().await {
-                let a = if first {
-                    Answer::Err(e, "going away".into())
+            let mut batch = Vec::new();
+            while batch.len() < 4 {
+                let Some(r) = c.recv().await else { return };
+                batch.push(r);
+            }
+            for (k, r) in batch.iter().enumerate() {
+                let a = if k == 0 {
+                    Answer::Err(errno::ESHUTDOWN, "going away".into())
                 } else {
-                    answer(&mem, &r)
+                    answer(&mem, r)
                 };
-                first = false;
+                c.reply(r, a).await.unwrap();
+            }
+            while let Some(r) = c.recv().await {
+                let a = answer(&mem, &r);
                 if c.reply(&r, a).await.is_err() {
                     break;
                 }
@@ -742,13 +750,15 @@ async fn answers_first_with(e: u32) -> (FakeServer, Arc<AtomicBool>) {
 }
 
 #[tokio::test]
-async fn eshutdown_makes_the_client_disconnect() {
-    // The spec: a client that receives ESHUTDOWN MUST disconnect.
-    let (srv, hung_up) = answers_first_with(errno::ESHUTDOWN).await;
+async fn eshutdown_makes_the_client_disconnect_softly() {
+    // The spec: a client that receives ESHUTDOWN MUST initiate a soft
+    // disconnect (NBD_CMD_DISC), so replies to requests in flight still count.
+    let (srv, hung_up) = shutting_down_server().await;
     let client = connect(&srv.addr(), "", no_deadlines()).await;
     let mut watch = client.watch_state(0).expect("connection 0");
-    let r = within("read", client.read_at(0, 512)).await;
-    let err = r.expect_err("ESHUTDOWN");
+    let reads = (0..4u64).map(|i| client.read_at(i * 512, 512));
+    let results = within("reads", join_all(reads)).await;
+    let err = results[0].as_ref().expect_err("ESHUTDOWN");
     assert!(
         matches!(
             err,
@@ -760,18 +770,30 @@ async fn eshutdown_makes_the_client_disconnect() {
         "{err:?}"
     );
     assert!(err.is_member_failure(), "a member shutting down is failing");
+    for r in &results[1..] {
+        assert_eq!(
+            r.as_ref().expect("answered after the ESHUTDOWN"),
+            &vec![0u8; 512]
+        );
+    }
     within(
         "state change",
         watch.wait_for(|s| matches!(s, ConnState::Failed(_))),
     )
     .await
     .expect("watch");
-    within("server sees the hang-up", async {
+    within("server sees the disconnect", async {
         while !hung_up.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await;
+    let log = srv.log.lock().unwrap().clone();
+    assert_eq!(
+        log.last().map(|h| h.command),
+        Some(cmd::DISC),
+        "a soft disconnect: {log:?}"
+    );
     let later = client
         .read_at(0, 512)
         .now_or_never()
