@@ -535,6 +535,78 @@ async fn multi_conn(kind: Kind) {
     assert_eq!(client.state(0), Some(ConnState::Closed));
 }
 
+/// SIGTERM with requests in flight: each one succeeds, or fails with
+/// ESHUTDOWN or a lost connection; none hangs, and the connection ends up
+/// Failed (the client must disconnect after ESHUTDOWN).
+async fn terminated_mid_stream(kind: Kind) {
+    const BLOCK: usize = 64 << 10;
+    let Some(mut srv) = start("terminated_mid_stream", kind, 32 * MIB) else {
+        return;
+    };
+    let client = client_of(&srv, ClientConfig::default()).await;
+    let mut watch = client.watch_state(0).expect("connection 0");
+    let ring = CompletionRing::new(512).unwrap();
+    let reqs: Vec<_> = (0..384u64)
+        .map(|i| {
+            let data = Bytes::from(random_bytes(i, BLOCK));
+            (
+                i,
+                Request::Write {
+                    offset: i * BLOCK as u64,
+                    data,
+                    fua: false,
+                },
+            )
+        })
+        .collect();
+    for (i, req) in reqs {
+        assert!(matches!(
+            ring.indirect(&client, req, i),
+            Ok(Indirect::Pending)
+        ));
+    }
+    // terminate() blocks until the server exits: run it beside the engine.
+    let term = tokio::task::spawn_blocking(move || {
+        srv.terminate();
+        srv
+    });
+    let (mut ok, mut shutdown, mut lost) = (0, 0, 0);
+    while ok + shutdown + lost < 384 {
+        within(
+            "completions after SIGTERM",
+            ring.ring_wait(ring.user_tail()),
+        )
+        .await;
+        while let Some(e) = ring.pop() {
+            match e.status {
+                Ok(()) => ok += 1,
+                Err(ClientError::Server {
+                    errno: errno::ESHUTDOWN,
+                    ..
+                }) => shutdown += 1,
+                Err(ClientError::ConnectionLost {
+                    possibly_applied: true,
+                    ..
+                }) => lost += 1,
+                Err(err) => panic!("{kind:?}: write {}: {err}", e.caller_data),
+            }
+        }
+    }
+    let _srv = within("server exit", term).await.expect("terminate");
+    eprintln!("{kind:?} after SIGTERM: {ok} done, {shutdown} ESHUTDOWN, {lost} lost");
+    within(
+        "state Failed",
+        watch.wait_for(|s| matches!(s, ConnState::Failed(_))),
+    )
+    .await
+    .expect("watch");
+    let later = client
+        .read_at(0, 512)
+        .now_or_never()
+        .expect("fails at once");
+    assert!(later.is_err(), "{later:?}");
+}
+
 macro_rules! per_server {
     ($($test:ident),* $(,)?) => {
         mod node {
@@ -563,6 +635,7 @@ per_server!(
     commands,
     many_in_flight,
     killed_mid_stream,
+    terminated_mid_stream,
     multi_conn
 );
 

@@ -375,6 +375,32 @@ impl Server {
         assert!(st.success(), "kill -STOP {pid}: {st}");
     }
 
+    /// Asks the server to shut down with SIGTERM (by the PID we spawned)
+    /// and reaps it, killing it if it has not exited within the limit.
+    pub fn terminate(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let st = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(st.success(), "kill -TERM {}: {st}", c.id());
+        let deadline = Instant::now() + START_LIMIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        panic!(
+            "hang detector: {:?} ignored SIGTERM for {START_LIMIT:?}",
+            self.kind
+        );
+    }
+
     /// Kills the server with SIGKILL (by the PID we spawned) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
