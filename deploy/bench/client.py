@@ -446,7 +446,11 @@ def main(argv):
         print(f"{'nbdraid':>12}: {first_line([ctx.nbdraid_bin, '--version'])} ({a.nbdraid_bin})")
         git = first_line(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse",
                           "--short", "HEAD"])
-        print(f"{'git':>12}: {git}")
+        dirty = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status",
+                                "--porcelain", "--", "../../client", "../../proto",
+                                "../../nbd-server", "../../Cargo.lock"],
+                               capture_output=True, text=True).stdout.strip()
+        print(f"{'git':>12}: {git}" + (" + uncommitted changes in the built crates" if dirty else ""))
         print(f"{'settings':>12}: {ctx.passes} passes x {ctx.runtime:g} s, export {a.size}, "
               f"server CPUs {ctx.server_cpus or 'any'}, client CPUs {ctx.client_cpus or 'any'}")
         for row in rows:
