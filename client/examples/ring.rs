@@ -13,12 +13,18 @@ const DEPTH: usize = 32;
 const BLOCKS: u64 = 1024;
 
 fn pattern(block: u64) -> Bytes {
-    Bytes::from((0..BLOCK).map(|i| (block as usize * 31 + i) as u8).collect::<Vec<_>>())
+    Bytes::from(
+        (0..BLOCK)
+            .map(|i| (block as usize * 31 + i) as u8)
+            .collect::<Vec<_>>(),
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let uri = std::env::args().nth(1).unwrap_or_else(|| "nbd://127.0.0.1:10809".into());
+    let uri = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "nbd://127.0.0.1:10809".into());
     let client = Client::connect_uri(&uri, ClientConfig::default()).await?;
     let blocks = BLOCKS.min(client.info().size / BLOCK as u64);
     // A ring of 64 slots: at most 64 operations pending or unconsumed.
@@ -28,9 +34,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut next, mut done) = (0u64, 0u64);
     while done < blocks {
         while next < blocks && (next - done) < DEPTH as u64 {
-            let req = Request::Write { offset: next * BLOCK as u64, data: pattern(next), fua: false };
+            let req = Request::Write {
+                offset: next * BLOCK as u64,
+                data: pattern(next),
+                fua: false,
+            };
             match ring.indirect(&client, req, next).map_err(|r| r.error)? {
-                Indirect::Done(e) => { e.status?; done += 1; } // finished without blocking
+                Indirect::Done(e) => {
+                    e.status?;
+                    done += 1;
+                } // finished without blocking
                 Indirect::Pending => {}
             }
             next += 1;
@@ -47,7 +60,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut next, mut done) = (0u64, 0u64);
     while done < blocks {
         while next < blocks && (next - done) < DEPTH as u64 {
-            let req = Request::Read { offset: next * BLOCK as u64, buf: vec![0; BLOCK] };
+            let req = Request::Read {
+                offset: next * BLOCK as u64,
+                buf: vec![0; BLOCK],
+            };
             if let Indirect::Done(e) = ring.indirect(&client, req, next).map_err(|r| r.error)? {
                 e.status?;
                 done += 1;
@@ -65,7 +81,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             done += 1;
         }
     }
-    println!("wrote and verified {blocks} blocks of {BLOCK} bytes through a {}-slot ring", ring.elements());
+    println!(
+        "wrote and verified {blocks} blocks of {BLOCK} bytes through a {}-slot ring",
+        ring.elements()
+    );
     client.close(std::time::Duration::from_secs(5)).await;
     Ok(())
 }

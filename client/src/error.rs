@@ -53,6 +53,24 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Reports whether a request that modifies data and failed with this
+    /// error may nevertheless have reached the server's storage: true for a
+    /// connection lost with the request in flight, a timeout and a close
+    /// with requests in flight; false when the request provably never left
+    /// (validation, full ring) or the server answered with an error.
+    pub fn possibly_applied(&self) -> bool {
+        match self {
+            ClientError::ConnectionLost {
+                possibly_applied, ..
+            } => *possibly_applied,
+            ClientError::Timeout(_) | ClientError::Closed | ClientError::Protocol(_) => true,
+            ClientError::Invalid(_)
+            | ClientError::Server { .. }
+            | ClientError::Handshake(_)
+            | ClientError::RingFull(_) => false,
+        }
+    }
+
     /// Reports whether this error means the server (the member) failed, as
     /// opposed to the caller asking for something invalid.
     pub fn is_member_failure(&self) -> bool {

@@ -218,7 +218,9 @@ impl CompletionRing {
     }
 
     /// Like [`CompletionRing::indirect`], but waits for a free slot instead
-    /// of refusing.
+    /// of refusing. Slots free up only when entries are consumed, so the
+    /// task that consumes the ring must not be the one waiting here once
+    /// the ring is full (it would wait for itself).
     pub async fn indirect_wait(
         &self,
         client: &Client,
