@@ -18,7 +18,9 @@ cargo build --release -p nbdraid-node -p nbdraid-cli
 ready="$data/ready.json"
 mkdir -p "$data"
 rm -f "$ready"
-args=(--listen "127.0.0.1:$port" --metrics-listen 127.0.0.1:0 --data-dir "$data" --ready-file "$ready")
+grpc=10810
+if (exec 3<>/dev/tcp/127.0.0.1/$grpc) 2>/dev/null; then grpc=0; fi
+args=(--listen "127.0.0.1:$port" --grpc-listen "127.0.0.1:$grpc" --metrics-listen 127.0.0.1:0 --data-dir "$data" --ready-file "$ready")
 if [ $# -eq 0 ]; then
     args+=(--volume vol0:1G)
 fi
@@ -33,12 +35,14 @@ if [ ! -s "$ready" ]; then
 fi
 nbd=$(sed -E 's/.*"nbd":"([^"]+)".*/\1/' "$ready")
 metrics=$(sed -E 's/.*"metrics":"([^"]+)".*/\1/' "$ready")
+grpcaddr=$(sed -E 's/.*"grpc":"([^"]+)".*/\1/' "$ready")
 cat <<MSG
 
 nbdraid-node is serving (data in $data):
   exports:   nbdinfo --list nbd://$nbd
   attach:    nbdfuse /tmp/mnt nbd://$nbd/vol0   |   qemu-img info nbd://$nbd/vol0
   client:    target/release/nbdraid info nbd://$nbd/vol0
+  admin:     target/release/nbdraid volume list --node $grpcaddr
   metrics:   curl http://$metrics/metrics
 Ctrl-C stops it (in-flight requests finish first).
 MSG

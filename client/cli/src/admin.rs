@@ -61,14 +61,20 @@ pub enum NodeCmd {
 }
 
 async fn connect(node: &str) -> Result<NodeClient<Channel>> {
-    let url = if node.contains("://") { node.to_string() } else { format!("http://{node}") };
+    let url = if node.contains("://") {
+        node.to_string()
+    } else {
+        format!("http://{node}")
+    };
     let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("bad node address {node:?}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .connect()
         .await
-        .with_context(|| format!("cannot reach node at {node} (is --grpc-listen set on the node?)"))?;
+        .with_context(|| {
+            format!("cannot reach node at {node} (is --grpc-listen set on the node?)")
+        })?;
     Ok(NodeClient::new(channel))
 }
 
@@ -98,12 +104,20 @@ fn volume_json(v: &grpc::Volume) -> serde_json::Value {
 pub async fn volume(node: &str, cmd: VolumeCmd) -> Result<()> {
     let mut c = connect(node).await?;
     match cmd {
-        VolumeCmd::Create { name, size, read_only } => {
+        VolumeCmd::Create {
+            name,
+            size,
+            read_only,
+        } => {
             if size.0 == 0 {
                 bail!("size must be greater than 0");
             }
             let v = c
-                .create_volume(grpc::CreateVolumeRequest { name, size: size.0, read_only })
+                .create_volume(grpc::CreateVolumeRequest {
+                    name,
+                    size: size.0,
+                    read_only,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -117,7 +131,10 @@ pub async fn volume(node: &str, cmd: VolumeCmd) -> Result<()> {
                 .into_inner()
                 .volumes;
             if json {
-                println!("{}", serde_json::Value::Array(vs.iter().map(volume_json).collect()));
+                println!(
+                    "{}",
+                    serde_json::Value::Array(vs.iter().map(volume_json).collect())
+                );
             } else {
                 for v in &vs {
                     print_volume(v);
@@ -126,7 +143,10 @@ pub async fn volume(node: &str, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::Resize { name, size } => {
             let v = c
-                .resize_volume(grpc::ResizeVolumeRequest { name, new_size: size.0 })
+                .resize_volume(grpc::ResizeVolumeRequest {
+                    name,
+                    new_size: size.0,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -166,7 +186,11 @@ pub async fn node(node: &str, cmd: NodeCmd) -> Result<()> {
     let mut c = connect(node).await?;
     match cmd {
         NodeCmd::Info { json } => {
-            let i = c.node_info(grpc::NodeInfoRequest {}).await.map_err(status)?.into_inner();
+            let i = c
+                .node_info(grpc::NodeInfoRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
             if json {
                 println!(
                     "{}",

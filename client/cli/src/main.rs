@@ -4,10 +4,13 @@
 //! - `info URI`: what an export offers, and its allocation map ([`info`]).
 //! - `cp SRC DST`: sparse, pipelined copy between files and exports ([`cp`]).
 //! - `bench URI`: a load generator on the completion ring ([`bench`]).
+//! - `volume ...`, `node info`: a storage node's admin service over gRPC
+//!   ([`admin`]).
 //!
 //! Every error ends the process with status 1 and one message on stderr;
 //! usage errors exit with status 2 (clap's convention).
 
+mod admin;
 mod bench;
 mod cp;
 mod info;
@@ -36,6 +39,32 @@ enum Command {
     Cp(cp::Args),
     /// Generate load on an export and measure IOPS, latency and CPU per I/O.
     Bench(bench::Args),
+    /// Create, list, grow, delete volumes on a storage node.
+    Volume {
+        /// The node's gRPC address (its --grpc-listen), host:port.
+        #[arg(
+            long,
+            global = true,
+            value_name = "ADDR",
+            default_value = "127.0.0.1:10810"
+        )]
+        node: String,
+        #[command(subcommand)]
+        cmd: admin::VolumeCmd,
+    },
+    /// Show a storage node's identity, version and capacity.
+    Node {
+        /// The node's gRPC address (its --grpc-listen), host:port.
+        #[arg(
+            long,
+            global = true,
+            value_name = "ADDR",
+            default_value = "127.0.0.1:10810"
+        )]
+        node: String,
+        #[command(subcommand)]
+        cmd: admin::NodeCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +99,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Info(a) => info::run(a).await,
             Command::Cp(a) => cp::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Volume { node, cmd } => admin::volume(&node, cmd).await,
+            Command::Node { node, cmd } => admin::node(&node, cmd).await,
         }
     })
 }
