@@ -822,12 +822,13 @@ def environment(ctx, servers):
             pass
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if os.path.realpath(ctx.node_bin_source).startswith(os.path.realpath(root) + os.sep):
-            # Built from this tree: say which commit, and whether it had local edits.
+            # Built from this tree: the commit checked out now (the binary may be older:
+            # compare its mtime), and whether the node sources have local edits.
             head = first_line(["git", "-C", root, "rev-parse", "--short", "HEAD"])
             dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "nbd-server",
                                     "proto", "Cargo.toml", "Cargo.lock"],
                                    capture_output=True, text=True).stdout.strip()
-            env["nbdraid-git"] = head + (" + uncommitted changes" if dirty else "")
+            env["repo-head-at-run"] = head + (" + uncommitted node changes" if dirty else "")
     return env
 
 
