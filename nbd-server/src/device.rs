@@ -17,7 +17,7 @@
 use futures::future::BoxFuture;
 use nbdraid_proto::transmission::Extent as WireExtent;
 
-use crate::buffer::IoBuf;
+use crate::buffer::{IoBuf, MappedSlice};
 use crate::error::Result;
 
 /// A future returned by a device operation.
@@ -187,6 +187,13 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Fills `buf` (its length is the request's) from `offset`.
     fn read(&self, ctx: IoContext, offset: u64, buf: IoBuf) -> IoFuture<IoBuf>;
+
+    /// Returns the data of `[offset, offset+len)` without copying it, when
+    /// the device can (a memory-backed volume serves a view of its
+    /// mapping); `None` sends the engine to [`BlockDevice::read`].
+    fn read_zero_copy(&self, _ctx: IoContext, _offset: u64, _len: usize) -> Option<MappedSlice> {
+        None
+    }
 
     /// Writes `buf` at `offset`; with `fua` the data is durable on completion.
     /// Hands the buffer back for reuse.

@@ -71,6 +71,11 @@ impl FaultState {
         self.active.store(active, Ordering::Release);
     }
 
+    /// Reports whether any fault is set.
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
     /// Applies the faults to one operation of `len` bytes on `volume`:
     /// fails it, or delays it, or lets it through.
     pub async fn apply(&self, volume: &str, op: FaultOp, len: u64) -> Result<()> {

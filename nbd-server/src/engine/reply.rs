@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use nbdraid_proto::consts::reply;
 use nbdraid_proto::{ErrorChunk, ReplyHeader};
 
-use crate::buffer::IoBuf;
+use crate::buffer::ReadData;
 use crate::throttle::ThrottleGuard;
 
 const HEAD_MAX: usize = 32;
@@ -29,7 +29,7 @@ const IOV_MAX: usize = 1024;
 pub(super) struct Reply {
     head: [u8; HEAD_MAX],
     head_len: usize,
-    data: Option<IoBuf>,
+    data: Option<ReadData>,
     extra: Bytes,
     _guard: Option<ThrottleGuard>,
 }
@@ -56,7 +56,7 @@ impl Reply {
     }
 
     /// Returns a successful READ reply carrying `data`.
-    pub fn read(cookie: u64, offset: u64, data: IoBuf, structured: bool) -> Self {
+    pub fn read(cookie: u64, offset: u64, data: ReadData, structured: bool) -> Self {
         let mut r = if !structured {
             Self::simple(cookie, 0)
         } else if data.is_empty() {

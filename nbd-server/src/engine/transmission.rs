@@ -28,6 +28,7 @@ use nbdraid_proto::{RequestHeader, ServerTransmissionCodec};
 use super::handshake::{Session, transmission_flags};
 use super::reply::{self, Reply};
 use super::{Engine, ExportRegistry};
+use crate::buffer::{IoBuf, ReadData};
 use crate::device::{BlockDevice, IoClass, IoContext, IoFuture, OpKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::metrics::OpMetrics;
@@ -288,16 +289,16 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         match op {
             OpKind::Read => {
                 if len == 0 {
-                    return done.finish(Ok(Reply::read(
-                        cookie,
-                        offset,
-                        crate::buffer::IoBuf::zeroed(0),
-                        structured,
-                    )));
+                    let empty = ReadData::Buf(IoBuf::zeroed(0));
+                    return done.finish(Ok(Reply::read(cookie, offset, empty, structured)));
+                }
+                if let Some(view) = dev.read_zero_copy(ctx, offset, len as usize) {
+                    let data = ReadData::Mapped(view);
+                    return done.finish(Ok(Reply::read(cookie, offset, data, structured)));
                 }
                 let buf = self.engine.pool.get(len as usize);
                 drive(dev.read(ctx, offset, buf), done, move |buf| {
-                    Reply::read(cookie, offset, buf, structured)
+                    Reply::read(cookie, offset, ReadData::Buf(buf), structured)
                 });
             }
             OpKind::Write => {

@@ -16,10 +16,12 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use memmap2::{Mmap, MmapOptions};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::buffer::IoBuf;
+use crate::buffer::{IoBuf, MappedSlice};
 use crate::device::{BlockDevice, BlockSizes, DeviceInfo, Extent, IoContext, IoFuture, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::store::sys::{self, NoWait};
@@ -61,8 +63,23 @@ struct Inner {
     inline: bool,
     nowait_reads: AtomicBool,
     block_sizes: BlockSizes,
+    /// Read-only mapping of the whole volume, on memory-backed storage only.
+    map: Option<RwLock<Arc<Mmap>>>,
     #[cfg(feature = "fault-injection")]
     fault: crate::fault::FaultState,
+}
+
+/// Maps `len` bytes of `file` read-only.
+fn map_file(file: &File, len: u64) -> std::io::Result<Mmap> {
+    // SAFETY: the mapping is shared with the file, which this process also
+    // writes (pwrite) and punches holes in; it is never truncated below
+    // `len` (volumes only grow). The bytes are only ever handed to the
+    // kernel in a vectored write of a READ reply, never inspected by Rust
+    // code; a WRITE that changes them concurrently is a request concurrent
+    // with that READ, whose result NBD leaves undefined. Memory-backed
+    // files have no I/O errors to raise SIGBUS, and reading a hole maps the
+    // zero page without allocating.
+    unsafe { MmapOptions::new().len(len as usize).map(file) }
 }
 
 impl Inner {
@@ -91,6 +108,17 @@ impl FileVolume {
             IoMode::Inline => true,
             IoMode::Blocking => false,
         };
+        // Zero-copy reads only where a page fault can never block on a
+        // device or raise SIGBUS on an I/O error.
+        let map = (memory && mode != IoMode::Blocking)
+            .then(|| map_file(&file, size))
+            .and_then(|m| match m {
+                Ok(m) => Some(RwLock::new(Arc::new(m))),
+                Err(e) => {
+                    tracing::warn!(volume = name, error = %e, "cannot map volume; reads will copy");
+                    None
+                }
+            });
         Self {
             inner: Arc::new(Inner {
                 name: name.to_string(),
@@ -100,6 +128,7 @@ impl FileVolume {
                 inline,
                 nowait_reads: AtomicBool::new(mode == IoMode::Auto && !memory),
                 block_sizes,
+                map,
                 #[cfg(feature = "fault-injection")]
                 fault: Default::default(),
             }),
@@ -124,6 +153,11 @@ impl FileVolume {
             .set_len(new_size)
             .and_then(|_| inner.file.sync_all())
             .map_err(|e| inner.err("resize", e))?;
+        if let Some(lock) = &inner.map {
+            let m = map_file(&inner.file, new_size).map_err(|e| inner.err("map", e))?;
+            // Views of the old mapping stay valid until their replies are sent.
+            *lock.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(m);
+        }
         inner.size.store(new_size, Ordering::Release);
         Ok(())
     }
@@ -316,6 +350,21 @@ impl BlockDevice for FileVolume {
         })
     }
 
+    fn read_zero_copy(&self, _ctx: IoContext, offset: u64, len: usize) -> Option<MappedSlice> {
+        #[cfg(feature = "fault-injection")]
+        if self.inner.fault.active() {
+            return None;
+        }
+        let map = self
+            .inner
+            .map
+            .as_ref()?
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        MappedSlice::new(map, usize::try_from(offset).ok()?, len)
+    }
+
     fn write(&self, _ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<IoBuf> {
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -461,6 +510,43 @@ mod tests {
                 .await
                 .unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn zero_copy_reads_see_writes_and_trims_on_tmpfs() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("SKIP: no /dev/shm");
+            return;
+        };
+        let v = volume(&dir, 1 << 20);
+        let ctx = IoContext::default();
+        assert!(v.inline_io());
+        let view = v
+            .read_zero_copy(ctx, 4096, 8192)
+            .expect("tmpfs volumes map");
+        assert!(view.iter().all(|&b| b == 0));
+        drop(view);
+        v.write(ctx, 4096, IoBuf::from_vec(vec![7u8; 8192]), false)
+            .await
+            .unwrap();
+        let view = v.read_zero_copy(ctx, 4096, 8192).unwrap();
+        assert!(view.iter().all(|&b| b == 7));
+        v.trim(ctx, 0, 1 << 20, false).await.unwrap();
+        assert!(
+            v.read_zero_copy(ctx, 4096, 8192)
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert!(
+            v.read_zero_copy(ctx, (1 << 20) - 4096, 8192).is_none(),
+            "past the end"
+        );
+        v.grow(2 << 20).unwrap();
+        assert!(
+            v.read_zero_copy(ctx, (1 << 20) - 4096, 8192).is_some(),
+            "after grow"
+        );
     }
 
     #[tokio::test]
