@@ -52,9 +52,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import (CLK_TCK, MIB, Proc, busy_cores, first_line, log, log_tail,  # noqa: E402
-                   parse_size, run_child, self_cpu, sys_cpu, tree_cpu_ticks, wait_no_children,
-                   wait_quiet)
+from peers import (CLK_TCK, MIB, Proc, busy_cores, descendants, first_line, log,  # noqa: E402
+                   log_tail, parse_size, proc_comm, proc_stat, run_child, self_cpu, sys_cpu,
+                   tree_cpu_ticks, wait_no_children, wait_quiet)
 
 EXPORT = "bench"
 CLIENTS = ("fio", "nbdraid")
@@ -244,20 +244,56 @@ def run_nbdraid(ctx, row, uri):
             "own_cpu_s": r["cpu"]["total_s"], "cmd": cmd}
 
 
+def all_ticks():
+    """{pid: (comm, utime+stime ticks)} of every process now."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            st = proc_stat(d)
+            if st:
+                out[int(d)] = (proc_comm(d) or "?", int(st[11]) + int(st[12]))
+    return out
+
+
+def others(before, after, exclude):
+    """CPU seconds of processes other than `exclude` between two all_ticks(),
+    by name: the softirq threads separately (loopback traffic the benchmark
+    itself causes can be processed there), and the top others."""
+    by_name = {}
+    for pid, (comm, t1) in after.items():
+        if pid in exclude or pid not in before:
+            continue
+        d = t1 - before[pid][1]
+        if d > 0:
+            name = comm.split("/")[0]
+            by_name[name] = by_name.get(name, 0) + d / CLK_TCK
+    softirq = by_name.pop("ksoftirqd", 0.0)
+    top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:3])
+    return softirq, top
+
+
 def measure(ctx, srv, row, client):
     if not wait_no_children(srv.pid, 10):
         raise RuntimeError(f"{srv.name} still has children before the run")
+    exclude = {srv.pid, os.getpid(), *descendants(srv.pid)}
+    snap0 = all_ticks()
     cpu0, me0, sys0 = tree_cpu_ticks(srv.pid), self_cpu(), sys_cpu()
     res = (run_fio if client == "fio" else run_nbdraid)(ctx, row, srv.uri)
     sys1, cpu1, me1 = sys_cpu(), tree_cpu_ticks(srv.pid), self_cpu()
+    softirq_s, top_others = others(snap0, all_ticks(), exclude)
     if not srv.proc.running():
         raise RuntimeError(f"{srv.name} died during the run: {log_tail(srv.logpath())}")
     wall = sys1[0] - sys0[0]
     server_s = (cpu1 - cpu0) / CLK_TCK
     busy = busy_cores(sys0, sys1)
-    other = busy["cpu"] * wall - server_s - res["client_cpu_s"] - (me1 - me0)
+    other = busy["cpu"] * wall - server_s - res["client_cpu_s"] - (me1 - me0) - softirq_s
     ios = res["ios"]
     res.update(wall_s=wall, server_cpu_s=server_s, other_cores=other / wall,
+               softirq_cpu_s=softirq_s, softirq_us_per_io=softirq_s * 1e6 / ios if ios else None,
+               client_cpus_busy_us_per_io=(sum(busy.get(f"cpu{c}", 0.0) for c in ctx.client_cpu_list)
+                                           * wall * 1e6 / ios) if ios and ctx.client_cpu_list
+               else None,
+               top_other_processes_s=top_others,
                client_us_per_io=res["client_cpu_s"] * 1e6 / ios if ios else None,
                server_us_per_io=server_s * 1e6 / ios if ios else None,
                client_cores=res["client_cpu_s"] / wall, server_cores=server_s / wall)
@@ -279,7 +315,8 @@ def run_cell(ctx, srv, row, client, pass_no):
         attempts.append(r)
         log(f"  [{row.name} pass {pass_no + 1}] {srv.name:<8} {client:<8} {r['iops']:>9.0f} IOPS"
             f"  client {r['client_us_per_io']:6.2f} us/IO ({r['client_cores']:.2f} cores)"
-            f"  server {r['server_us_per_io']:6.2f} us/IO  other {r['other_cores']:+.2f}"
+            f"  server {r['server_us_per_io']:6.2f} us/IO  client CPU busy "
+            f"{r['client_cpus_busy_us_per_io'] or 0:5.2f} us/IO  other {r['other_cores']:+.2f}"
             + ("  DISTURBED" if r["disturbed"] else ""))
         if not r["disturbed"]:
             break
@@ -301,7 +338,7 @@ def summarize(cells):
     if not good:
         return {"error": cells[-1]["error"] if cells else "not run"}
     keys = ("iops", "client_us_per_io", "server_us_per_io", "client_cores", "p50_us", "p99_us",
-            "own_cpu_s")
+            "own_cpu_s", "softirq_us_per_io", "client_cpus_busy_us_per_io")
     s = {k: med([c.get(k) for c in good]) for k in keys}
     s["passes"] = len(good)
     s["disturbed"] = any(c["disturbed"] for c in good)
@@ -316,11 +353,19 @@ def fmt_k(x):
     return f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:.0f}"
 
 
+def busy_text(f, o):
+    fb, ob = f.get("client_cpus_busy_us_per_io"), o.get("client_cpus_busy_us_per_io")
+    if not fb or ob is None:
+        return f"{'-':>9}{'-':>10}{'-':>7}"
+    return f"{fb:>9.2f}{ob:>10.2f}{ob / fb:>7.2f}"
+
+
 def print_table(ctx, servers, rows, summary):
     print(f"\n## Results (median of {ctx.passes} passes x {ctx.runtime:g} s; "
           "client CPU = CPU seconds per million I/Os = us per I/O)")
     hdr = (f"{'server':<8} {'row':<30}{'fio IOPS':>10}{'ours IOPS':>11}{'x IOPS':>8}"
-           f"{'fio CPU':>9}{'ours CPU':>10}{'x CPU':>7}{'srv fio':>9}{'srv ours':>9}  goal")
+           f"{'fio CPU':>9}{'ours CPU':>10}{'x CPU':>7}{'srv fio':>9}{'srv ours':>9}"
+           f"{'cpu0 fio':>9}{'cpu0 ours':>10}{'x cpu0':>7}  goal")
     print(hdr)
     print("-" * len(hdr))
     verdicts = []
@@ -340,9 +385,13 @@ def print_table(ctx, servers, rows, summary):
             print(f"{s:<8} {row.name:<30}{fmt_k(f['iops']):>10}{fmt_k(o['iops']):>11}"
                   f"{ri:>8.2f}{f['client_us_per_io']:>9.2f}{o['client_us_per_io']:>10.2f}"
                   f"{rc:>7.2f}{f['server_us_per_io']:>9.2f}{o['server_us_per_io']:>9.2f}"
+                  f"{busy_text(f, o)}"
                   f"  {'met' if ok else 'MISSED'}{flag}")
     print("\nx IOPS = ours / fio (goal >= 1.00); x CPU = ours / fio client CPU per I/O "
-          "(goal <= 0.70); srv = server CPU us per I/O under each client; "
+          "(goal <= 0.70); srv = server CPU us per I/O under each client; cpu0 = busy time of "
+          "the client's CPU(s) per I/O from /proc/stat (the client process plus interrupts, "
+          "softirqs and idle exits on that CPU, which no process is charged for; anything else "
+          "that ran there too); "
           "'!' = a kept pass was disturbed by other load.")
     return verdicts
 
@@ -380,6 +429,15 @@ def parse_args(argv):
     return a
 
 
+def cpu_list(text):
+    """CPU numbers of a taskset list such as '0', '0,2' or '0-1'."""
+    out = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def make_random_file(path, size):
     log(f"writing {size >> 20} MiB of random data to {path} (the prefill source)")
     with open(path, "wb") as f:
@@ -400,6 +458,7 @@ def main(argv):
     ctx.quiet_timeout, ctx.quiet_sample, ctx.max_other = a.quiet_timeout, 0.5, a.max_other
     ctx.server_cpus, ctx.client_cpus = a.server_cpus, a.client_cpus
     ctx.size = parse_size(a.size)
+    ctx.client_cpu_list = cpu_list(a.client_cpus)
     names = [n.strip() for n in a.servers.split(",") if n.strip()]
     for n in names:
         if n not in SERVERS:
