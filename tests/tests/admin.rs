@@ -2,6 +2,8 @@
 //! `volume create|list|resize|delete|stats` and `node info`, including the
 //! bad-input cases.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::{Command, Output};
 
 use nbdraid_client::{Client, ClientConfig};

@@ -3,6 +3,8 @@
 //! mixed foreground/background/granted traffic, and the gRPC throttle
 //! service (cost model, leases, watch).
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -183,7 +185,10 @@ const OVERHEAD: u64 = 48 << 20;
 
 fn flood_bounded(bs: usize, depth: usize, blocks_per_conn: u64) {
     let node = Node::builder()
-        .volume(&format!("flood:{}M", 4 * blocks_per_conn * bs as u64 >> 20))
+        .volume(&format!(
+            "flood:{}M",
+            (4 * blocks_per_conn * bs as u64) >> 20
+        ))
         .metrics()
         .arg("--grpc-listen")
         .arg("127.0.0.1:0")
@@ -337,7 +342,7 @@ async fn mixed(client: Arc<Client>, region: u64, ops: u64) -> u64 {
             let c = client.clone();
             let k = issued;
             pending.push(async move {
-                let big = k % 2 == 0;
+                let big = k.is_multiple_of(2);
                 let len = if big { 1 << 20 } else { 4096 };
                 let off = region + (k % 8) * (1 << 20);
                 if k % 4 < 2 {
