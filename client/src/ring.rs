@@ -195,6 +195,18 @@ impl CompletionRing {
         self.shared.user_tail.load(Ordering::Acquire)
     }
 
+    /// Returns `(kernel_head, user_tail)` read together, consistent with
+    /// each other (reading the two accessors one after the other may see
+    /// them at different moments).
+    pub fn positions(&self) -> (u64, u64) {
+        let s = &self.shared;
+        let _slots = s.slots.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            s.kernel_head.load(Ordering::Acquire),
+            s.user_tail.load(Ordering::Acquire),
+        )
+    }
+
     /// Returns the number of operations pending plus entries not yet consumed.
     pub fn outstanding(&self) -> usize {
         self.shared.reserved.load(Ordering::Acquire)

@@ -560,7 +560,7 @@ async fn concurrent_submitters_never_overflow() {
                     in_flight <= ELEMENTS,
                     "{in_flight} requests in flight through a {ELEMENTS}-slot ring"
                 );
-                let (h, t) = (ring.kernel_head(), ring.user_tail());
+                let (h, t) = ring.positions();
                 assert!(h >= t && h - t <= ELEMENTS as u64, "head {h} tail {t}");
                 max_seen.fetch_max(out, Ordering::Relaxed);
                 tokio::task::yield_now().await;
