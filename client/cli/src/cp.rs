@@ -120,7 +120,12 @@ pub async fn run(args: Args) -> Result<()> {
     let bar = progress_bar(&args, size);
     let start = Instant::now();
     let totals = copy(&args, &src, &dst, size, dest_zeroed, &bar).await;
-    bar.finish_and_clear();
+    if std::io::stderr().is_terminal() {
+        bar.finish_and_clear();
+    } else {
+        // A log gets the final state even when the copy beat the 1 Hz redraw.
+        bar.finish();
+    }
     let totals = totals?;
     dst.flush().await?;
     src.close().await;
