@@ -36,6 +36,9 @@ use crate::throttle::BACKGROUND;
 use crate::throttle::ThrottleGuard;
 use crate::upstream::ConnShare;
 
+/// Socket read buffer of a connection in transmission.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// After shutdown begins, a connection idle for this long is closed.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
 
@@ -76,6 +79,10 @@ pub(super) async fn run<D: BlockDevice, R: ExportRegistry<D>>(
         engine,
     };
     let mut reader = session.reader;
+    // One socket read takes in many small requests with their payloads
+    // (4 KiB writes: ~15 per read instead of ~2 with the default 8 KiB).
+    // A fixed per-connection cost, outside the throttle's budget.
+    reader.read_buffer_mut().reserve(READ_BUFFER);
     if let Err(e) = conn.read_loop(&mut reader).await {
         tracing::info!(error = %e, "connection closed");
     }
