@@ -414,7 +414,6 @@ impl Client {
         };
         let split = npieces > 1;
         let is_read = command == cmd::READ;
-        let deadline = self.config.request_timeout.map(|d| Instant::now() + d);
         let (op_buf, mut whole_buf) = if split {
             (req_buf, None)
         } else {
@@ -446,7 +445,7 @@ impl Client {
                 len: n as u32,
                 buf_off: split.then_some(start as usize),
                 buf,
-                deadline,
+                born: 0,
                 extents: Vec::new(),
                 error: None,
                 received: 0,

@@ -18,9 +18,9 @@
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use slab::Slab;
 use tokio::io::AsyncWriteExt;
@@ -79,7 +79,9 @@ pub(crate) struct Piece {
     /// `None` when `buf` is the caller's own buffer.
     pub buf_off: Option<usize>,
     pub buf: Option<Vec<u8>>,
-    pub deadline: Option<Instant>,
+    /// Watchdog tick at submission (set by [`Conn::submit`]): request
+    /// deadlines are counted in ticks, so the hot path reads no clock.
+    pub born: u64,
     pub extents: Vec<Extent>,
     pub error: Option<ClientError>,
     /// READ bytes covered so far by structured data and hole chunks.
@@ -148,10 +150,11 @@ struct Shared {
     closing: AtomicBool,
     /// Fired when the connection fails, to stop its tasks and close the socket.
     stop: CancellationToken,
-    epoch: Instant,
-    /// Nanoseconds since `epoch` of the last reply (or of the first
-    /// submission after an idle period).
-    last_progress: AtomicU64,
+    /// Bumped by every reply and by the first submission after an idle
+    /// period; the watchdog declares a stall when it stops moving.
+    progress: AtomicU64,
+    /// Watchdog ticks so far (the clock of request deadlines).
+    ticks: AtomicU64,
 }
 
 impl Shared {
@@ -160,8 +163,7 @@ impl Shared {
     }
 
     fn touch(&self) {
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        self.last_progress.store(now, Ordering::Relaxed);
+        self.progress.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Initiates a soft disconnect: NBD_CMD_DISC goes out after every
@@ -258,8 +260,8 @@ impl Conn {
             failed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             stop: CancellationToken::new(),
-            epoch: Instant::now(),
-            last_progress: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
+            ticks: AtomicU64::new(0),
         });
         let mut rd = rd.map_decoder(|_| ClientTransmissionCodec);
         rd.read_buffer_mut().reserve(READ_BUFFER);
@@ -345,6 +347,8 @@ impl Conn {
             drop(t);
             return refuse(piece, error);
         }
+        let mut piece = piece;
+        piece.born = s.ticks.load(Ordering::Relaxed);
         let slot = t.vacant_entry();
         let out = Outgoing {
             header: RequestHeader {
@@ -472,6 +476,11 @@ async fn reader(shared: Arc<Shared>, mut rd: FramedRead<OwnedReadHalf, ClientTra
             Some(Ok(h)) => h,
         };
         shared.touch();
+        match fast_read(&shared, &mut rd, &hdr) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => break e,
+        }
         let handled = tokio::select! {
             r = handle_reply(&shared, &mut rd, hdr) => r,
             _ = stop.cancelled() => return,
@@ -637,21 +646,88 @@ async fn handle_reply(
             if flags & reply::FLAG_DONE != 0 {
                 let p = shared.table().try_remove(key);
                 if let Some(p) = p {
-                    if let Some(e) = p.unanswered() {
-                        // The piece fails with the protocol error, then the connection.
-                        p.finish(Err(e.clone()));
-                        return Err(e);
-                    }
-                    let going_away = p.shutting_down();
-                    p.finish(Ok(()));
-                    if going_away {
-                        server_shutting_down(shared);
-                    }
+                    return finish_structured(shared, p);
                 }
             }
             Ok(())
         }
     }
+}
+
+/// Completes a piece whose structured reply ended (DONE).
+fn finish_structured(shared: &Shared, p: Piece) -> Result<(), ClientError> {
+    if let Some(e) = p.unanswered() {
+        // The piece fails with the protocol error, then the connection.
+        p.finish(Err(e.clone()));
+        return Err(e);
+    }
+    let going_away = p.shutting_down();
+    p.finish(Ok(()));
+    if going_away {
+        server_shutting_down(shared);
+    }
+    Ok(())
+}
+
+/// The common case of a READ reply whose data is already in the read
+/// buffer (small reads arrive many per socket read): copies it into place
+/// and completes the piece under one table lock. Returns false, having
+/// consumed nothing, whenever anything is unusual; the general path then
+/// handles (and reports) it.
+fn fast_read(
+    shared: &Shared,
+    rd: &mut FramedRead<OwnedReadHalf, ClientTransmissionCodec>,
+    hdr: &ReplyHeader,
+) -> Result<bool, ClientError> {
+    let (chunk, done, length) = match *hdr {
+        ReplyHeader::Simple { error: 0, .. } if !shared.info.structured => (false, true, None),
+        ReplyHeader::Chunk {
+            flags,
+            kind: reply::TYPE_OFFSET_DATA,
+            length,
+            ..
+        } if length >= 8 => (true, flags & reply::FLAG_DONE != 0, Some(length)),
+        _ => return Ok(false),
+    };
+    let key = hdr.cookie() as usize;
+    let mut t = shared.table();
+    let Some(p) = t.get_mut(key) else {
+        return Ok(false);
+    };
+    if p.command != cmd::READ {
+        return Ok(false);
+    }
+    let n = length.map_or(p.len, |l| l - 8) as usize;
+    let head = if chunk { 8 } else { 0 };
+    let buffered = rd.read_buffer();
+    if buffered.len() < head + n {
+        return Ok(false);
+    }
+    let at = if chunk {
+        u64::from_be_bytes(buffered[..8].try_into().unwrap_or_default())
+    } else {
+        p.offset
+    };
+    let Some(start) = chunk_start(at, n as u64, p.offset, p.len) else {
+        return Ok(false);
+    };
+    let Some(buf) = p.buf.as_mut() else {
+        return Ok(false);
+    };
+    buf[start..start + n].copy_from_slice(&buffered[head..head + n]);
+    rd.read_buffer_mut().advance(head + n);
+    p.received += n as u64;
+    if !done {
+        return Ok(true);
+    }
+    let p = t.remove(key);
+    drop(t);
+    if chunk {
+        finish_structured(shared, p)?;
+    } else {
+        p.finish(Ok(()));
+    }
+    Ok(true)
 }
 
 /// Returns where a chunk covering `[at, at + n)` starts in the buffer of a
@@ -695,31 +771,40 @@ async fn watchdog(shared: std::sync::Weak<Shared>, t: Timeouts) {
         .min()
         .unwrap_or(Duration::from_secs(1));
     let tick = (shortest / 4).max(Duration::from_millis(5));
+    // Whole ticks that must pass: a piece born just before a tick sees one
+    // tick less of real time, so add one (deadlines fire up to a tick late).
+    let ticks_for = |d: Duration| (d.as_nanos().div_ceil(tick.as_nanos()) as u64) + 1;
+    let request_ticks = t.request.map(ticks_for);
+    let stall_ticks = t.stall.map(ticks_for);
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut still) = (u64::MAX, 0u64);
     loop {
         interval.tick().await;
         let Some(s) = shared.upgrade() else { return };
         if s.failed.load(Ordering::Acquire) {
             return;
         }
-        let now = Instant::now();
+        let now = s.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         let (busy, expired) = {
             let tb = s.table();
-            let expired =
-                t.request.is_some() && tb.iter().any(|(_, p)| p.deadline.is_some_and(|d| d <= now));
+            let expired = request_ticks
+                .is_some_and(|limit| tb.iter().any(|(_, p)| now.saturating_sub(p.born) >= limit));
             (!tb.is_empty(), expired)
         };
         if expired {
             s.fail(ClientError::Timeout(t.request.unwrap_or_default()));
             return;
         }
-        if let (true, Some(stall)) = (busy, t.stall) {
-            let last = Duration::from_nanos(s.last_progress.load(Ordering::Relaxed));
-            if s.epoch.elapsed().saturating_sub(last) >= stall {
-                s.fail(ClientError::Timeout(stall));
-                return;
-            }
+        let progress = s.progress.load(Ordering::Relaxed);
+        if !busy || progress != seen {
+            (seen, still) = (progress, 0);
+            continue;
+        }
+        still += 1;
+        if stall_ticks.is_some_and(|limit| still >= limit) {
+            s.fail(ClientError::Timeout(t.stall.unwrap_or_default()));
+            return;
         }
     }
 }

@@ -80,6 +80,8 @@ pub(crate) struct RingShared {
     /// Pending operations plus unconsumed entries; never above `elements`.
     reserved: AtomicUsize,
     arrived: Notify,
+    /// Tasks inside `ring_wait`; a push wakes `arrived` only if any.
+    async_waiters: AtomicUsize,
     space: Notify,
     blocking_waiters: AtomicUsize,
     cv_lock: Mutex<()>,
@@ -104,7 +106,11 @@ impl RingShared {
             slots[(head & self.mask) as usize] = Some(entry);
             self.kernel_head.store(head + 1, Ordering::SeqCst);
         }
-        self.arrived.notify_waiters();
+        // A waiter counts itself before it checks the head (both SeqCst),
+        // so either it sees this push or this push sees it.
+        if self.async_waiters.load(Ordering::SeqCst) > 0 {
+            self.arrived.notify_waiters();
+        }
         if self.blocking_waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.cv_lock.lock().unwrap_or_else(|e| e.into_inner());
             self.cv.notify_all();
@@ -171,6 +177,7 @@ impl CompletionRing {
                 user_tail: AtomicU64::new(0),
                 reserved: AtomicUsize::new(0),
                 arrived: Notify::new(),
+                async_waiters: AtomicUsize::new(0),
                 space: Notify::new(),
                 blocking_waiters: AtomicUsize::new(0),
                 cv_lock: Mutex::new(()),
@@ -285,12 +292,22 @@ impl CompletionRing {
     /// Waits until a completion lies past `user_tail` (the caller's view of
     /// the tail when it decided to wait).
     pub async fn ring_wait(&self, user_tail: u64) {
+        /// Uncounts the waiter however the wait ends (also on cancellation).
+        struct Counted<'a>(&'a AtomicUsize);
+        impl Drop for Counted<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let s = &self.shared;
+        s.async_waiters.fetch_add(1, Ordering::SeqCst);
+        let _counted = Counted(&s.async_waiters);
         loop {
-            let arrived = self.shared.arrived.notified();
+            let arrived = s.arrived.notified();
             tokio::pin!(arrived);
             // Registered before the check: a push after it wakes us.
             arrived.as_mut().enable();
-            if self.shared.kernel_head.load(Ordering::SeqCst) > user_tail {
+            if s.kernel_head.load(Ordering::SeqCst) > user_tail {
                 return;
             }
             arrived.await;
