@@ -54,7 +54,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import (CLK_TCK, MIB, Proc, busy_cores, descendants, first_line, log,  # noqa: E402
                    log_tail, parse_size, proc_comm, proc_stat, run_child, self_cpu, sys_cpu,
-                   tree_cpu_ticks, wait_no_children, wait_quiet)
+                   tree_cpu_ticks, wait_no_children, wait_quiet, wait_ready_file)
 
 EXPORT = "bench"
 CLIENTS = ("fio", "nbdraid")
@@ -157,20 +157,7 @@ class Node(Server):
         cmd = self.pin() + [self.ctx.node_bin, "--listen", "127.0.0.1:0", "--data-dir", data,
                             "--volume", f"{EXPORT}:{self.ctx.size}", "--ready-file", ready]
         self.proc = Proc(cmd, self.logpath())
-        deadline = time.monotonic() + 60
-        while True:
-            if not self.proc.running():
-                raise RuntimeError(f"nbdraid-node exited: {log_tail(self.logpath())}")
-            try:
-                with open(ready) as f:
-                    info = json.load(f)
-                break
-            except (OSError, ValueError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("nbdraid-node wrote no ready file in 60s")
-                time.sleep(0.02)
-        if int(info["pid"]) != self.proc.pid:
-            raise RuntimeError(f"ready file pid {info['pid']} != started pid {self.proc.pid}")
+        info = wait_ready_file(self.proc, ready, self.logpath())
         self.uri = f"nbd://{info['nbd']}/{EXPORT}"
 
 

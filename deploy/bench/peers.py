@@ -78,6 +78,25 @@ def parse_size(text):
 # The matrix
 
 
+def wait_ready_file(proc, ready, logpath, timeout=60):
+    """Waits for nbdraid-node's --ready-file and checks it names the process we started."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.running():
+            raise RuntimeError(f"nbdraid-node exited: {log_tail(logpath)}")
+        try:
+            with open(ready) as f:
+                info = json.load(f)
+            break
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nbdraid-node wrote no ready file in {timeout}s")
+            time.sleep(0.02)
+    if int(info["pid"]) != proc.pid:
+        raise RuntimeError(f"ready file pid {info['pid']} != started pid {proc.pid}")
+    return info
+
+
 class Row:
     """One line of the matrix: a fio job or an nbdcopy run."""
 
@@ -458,20 +477,7 @@ class Nbdraid(Server):
                             "--volume", f"{EXPORT}:{self.ctx.size_spec}",
                             "--ready-file", ready] + self.ctx.node_args + self.extra
         self.proc = Proc(cmd, self.logpath())
-        deadline = time.monotonic() + 60
-        while True:
-            if not self.proc.running():
-                raise RuntimeError(f"nbdraid-node exited: {log_tail(self.logpath())}")
-            try:
-                with open(ready) as f:
-                    info = json.load(f)
-                break
-            except (OSError, ValueError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("nbdraid-node wrote no ready file in 60s")
-                time.sleep(0.02)
-        if int(info["pid"]) != self.proc.pid:
-            raise RuntimeError(f"ready file pid {info['pid']} != started pid {self.proc.pid}")
+        info = wait_ready_file(self.proc, ready, self.logpath())
         host, port = info["nbd"].rsplit(":", 1)
         if host != "127.0.0.1":
             raise RuntimeError(f"nbdraid-node listens on {info['nbd']}")
