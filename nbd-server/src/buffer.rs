@@ -16,7 +16,7 @@
 //! [`pin_malloc_behaviour`]), large buffers are unmapped on free instead of
 //! lingering in an arena.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -30,7 +30,8 @@ pub struct BufferPool {
 
 #[derive(Debug, Default)]
 struct PoolInner {
-    free: HashMap<usize, Vec<Vec<u8>>>,
+    // A BTreeMap: a handful of sizes, and no hashing on the hot path.
+    free: BTreeMap<usize, Vec<Vec<u8>>>,
     kept_bytes: u64,
     used_bytes: u64,
 }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
@@ -125,6 +125,34 @@ impl OpMetrics {
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+type RenderHook = Box<dyn Fn() -> bool + Send + Sync>;
+
+static RENDER_HOOKS: Mutex<Vec<RenderHook>> = Mutex::new(Vec::new());
+
+/// Registers `hook` to run before every render of the metrics endpoint,
+/// for gauges that are cheaper to set on demand than on every change
+/// (the throttle's). The hook returns `false` once its owner is gone, and
+/// is then dropped.
+pub fn on_render(hook: impl Fn() -> bool + Send + Sync + 'static) {
+    lock_hooks().push(Box::new(hook));
+}
+
+fn lock_hooks() -> std::sync::MutexGuard<'static, Vec<RenderHook>> {
+    // The hooks only set gauges; a panic in one leaves the list intact.
+    RENDER_HOOKS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the render hooks, dropping those whose owner is gone.
+fn run_render_hooks() {
+    lock_hooks().retain(|hook| hook());
+}
+
+/// Runs the render hooks, then renders the Prometheus text.
+pub fn render(handle: &PrometheusHandle) -> String {
+    run_render_hooks();
+    handle.render()
+}
+
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install_recorder() -> Option<PrometheusHandle> {
     HANDLE
@@ -161,7 +189,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Ca
         "/metrics",
         axum::routing::get(move || {
             let h = handle.clone();
-            async move { h.render() }
+            async move { render(&h) }
         }),
     );
     let result = axum::serve(listener, app)
@@ -177,4 +205,29 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     let l = TcpListener::bind(addr).await?;
     let a = l.local_addr()?;
     Ok((l, a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn render_hooks_run_until_their_owner_is_gone() {
+        let owner = Arc::new(());
+        let weak = Arc::downgrade(&owner);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        on_render(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            weak.upgrade().is_some()
+        });
+        run_render_hooks();
+        run_render_hooks();
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        drop(owner);
+        run_render_hooks(); // finds the owner gone and is dropped
+        run_render_hooks();
+        assert_eq!(calls.load(Ordering::Relaxed), 3, "a dead hook was kept");
+    }
 }

@@ -207,7 +207,15 @@ impl Throttle {
                 t.new_share("background", s.background_reserve, None),
             );
         }
-        t.publish(0);
+        let weak = Arc::downgrade(&t);
+        crate::metrics::on_render(move || match weak.upgrade() {
+            Some(t) => {
+                t.publish();
+                true
+            }
+            None => false,
+        });
+        t.publish();
         Ok(t)
     }
 
@@ -317,6 +325,8 @@ impl Throttle {
         let Some(mut s) = st.shares.remove(&id) else {
             return;
         };
+        // Its usage is the parent's from now on.
+        s.gauge_in_flight.set(0.0);
         let parent = s.parent.unwrap_or(FOREGROUND);
         st.retired.insert(id, parent);
         if let Some(p) = st.shares.get_mut(&parent) {
@@ -354,18 +364,24 @@ impl Throttle {
         st.used += units;
         if let Some(s) = st.shares.get_mut(&share) {
             s.used += units;
-            s.gauge_in_flight.set(s.used as f64);
         }
-        if self.peak.fetch_max(st.used, Ordering::Relaxed) < st.used {
-            self.gauge_peak.set(st.used as f64);
-        }
-        self.publish(st.used);
+        self.peak.fetch_max(st.used, Ordering::Relaxed);
     }
 
-    fn publish(&self, used: u64) {
-        self.gauge_in_flight.set(used as f64);
+    /// Sets the gauges from the current state. Called when the metrics
+    /// endpoint renders (not per request: a gauge set is two atomic
+    /// read-modify-writes, and nobody reads the values in between); the
+    /// peak is tracked exactly in between.
+    fn publish(&self) {
+        let st = self.lock();
+        for s in st.shares.values() {
+            s.gauge_in_flight.set(s.used as f64);
+        }
+        self.gauge_in_flight.set(st.used as f64);
         self.gauge_available
-            .set(self.capacity.saturating_sub(used) as f64);
+            .set(self.capacity.saturating_sub(st.used) as f64);
+        self.gauge_peak
+            .set(self.peak.load(Ordering::Relaxed) as f64);
     }
 
     /// Admits waiters, visiting shares round-robin, until no head fits.
@@ -418,9 +434,7 @@ impl Throttle {
         let target = st.resolve(share);
         if let Some(s) = st.shares.get_mut(&target) {
             s.used -= units.min(s.used);
-            s.gauge_in_flight.set(s.used as f64);
         }
-        self.publish(st.used);
     }
 
     fn release(&self, share: ShareId, units: u64) {

@@ -252,6 +252,19 @@ fn flood_bounded(bs: usize, depth: usize, blocks_per_conn: u64) {
     );
     assert!(peak_units > 0.0);
     assert!(available >= 0.0 && available <= CAPACITY as f64);
+    // Every reply has been read, so every unit comes back (a guard drops
+    // just after its reply leaves; allow it a moment).
+    let settle = Instant::now() + Duration::from_secs(5);
+    let mut available = available;
+    while available != CAPACITY as f64 && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(50));
+        let text = node.metrics_text().expect("metrics");
+        available = metric(&text, "nbdraid_throttle_available_units").expect("available gauge");
+    }
+    assert_eq!(
+        available, CAPACITY as f64,
+        "units still held after every request was answered"
+    );
     assert!(
         peak <= CAPACITY + OVERHEAD,
         "peak RSS {} MiB exceeds budget {} MiB + overhead {} MiB",

@@ -127,6 +127,9 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Engine<D, R> {
     /// Accepts and serves connections until shutdown, then waits (at most the
     /// grace period) for open connections to wind down.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        // Calibrate the TSC clock used for latency samples now, not on the
+        // first request.
+        let _ = quanta::Instant::now();
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.config.max_connections));
         let connections = metrics::gauge!("nbdraid_open_connections");

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::net::tcp::OwnedReadHalf;
@@ -98,8 +98,12 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         reader: &mut FramedRead<OwnedReadHalf, ServerTransmissionCodec>,
     ) -> std::result::Result<(), nbdraid_proto::ProtoError> {
         let shutdown = self.engine.shutdown.clone();
+        // One registration for the connection's life, not one per request.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
-            let next = if shutdown.is_cancelled() {
+            let stopping = shutdown.is_cancelled();
+            let next = if stopping {
                 match tokio::time::timeout(SHUTDOWN_LINGER, reader.next()).await {
                     Ok(n) => n,
                     Err(_) => return Ok(()),
@@ -107,7 +111,7 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
             } else {
                 tokio::select! {
                     n = reader.next() => n,
-                    _ = shutdown.cancelled() => continue,
+                    _ = &mut cancelled => continue,
                 }
             };
             let hdr = match next {
@@ -133,7 +137,7 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
                 .await;
                 continue;
             };
-            let checked = if shutdown.is_cancelled() {
+            let checked = if stopping {
                 Err(Error::ShuttingDown)
             } else {
                 self.validate(&hdr, op)
@@ -269,7 +273,7 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         guard: ThrottleGuard,
         payload: Option<crate::buffer::IoBuf>,
     ) {
-        let start = Instant::now();
+        let start = quanta::Instant::now();
         let (cookie, offset, len) = (h.cookie, h.offset, h.length as u64);
         let fua = h.flags & cmd_flags::FUA != 0;
         let dev = &self.device;
@@ -384,7 +388,8 @@ struct Completion {
     op: OpKind,
     cookie: u64,
     len: u64,
-    start: Instant,
+    /// From the TSC (quanta): a latency sample per request costs two clock reads.
+    start: quanta::Instant,
     structured: bool,
 }
 
