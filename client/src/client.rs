@@ -112,7 +112,43 @@ pub enum Request {
     },
 }
 
+fn fua_flag(fua: bool) -> u16 {
+    if fua { cmd_flags::FUA } else { 0 }
+}
+
 impl Request {
+    /// The command, its flags and its name.
+    fn wire(&self) -> (u16, u16, &'static str) {
+        match self {
+            Request::Read { .. } => (cmd::READ, 0, "READ"),
+            Request::Write { fua, .. } => (cmd::WRITE, fua_flag(*fua), "WRITE"),
+            Request::Flush => (cmd::FLUSH, 0, "FLUSH"),
+            Request::Trim { .. } => (cmd::TRIM, 0, "TRIM"),
+            Request::WriteZeroes {
+                no_hole, fast, fua, ..
+            } => {
+                let mut f = fua_flag(*fua);
+                if *no_hole {
+                    f |= cmd_flags::NO_HOLE;
+                }
+                if *fast {
+                    f |= cmd_flags::FAST_ZERO;
+                }
+                (cmd::WRITE_ZEROES, f, "WRITE_ZEROES")
+            }
+            Request::Cache { .. } => (cmd::CACHE, 0, "CACHE"),
+            Request::BlockStatus { .. } => (cmd::BLOCK_STATUS, 0, "BLOCK_STATUS"),
+        }
+    }
+
+    /// The caller's read buffer, if this is a READ.
+    fn into_buffer(self) -> Option<Vec<u8>> {
+        match self {
+            Request::Read { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+
     fn span(&self) -> (u64, u64) {
         match self {
             Request::Read { offset, buf } => (*offset, buf.len() as u64),
@@ -156,18 +192,6 @@ impl std::fmt::Debug for Client {
             .field("export", &self.export)
             .finish()
     }
-}
-
-fn invalid(msg: impl Into<String>) -> Started {
-    Started::Done(Done::result(Err(ClientError::Invalid(msg.into()))))
-}
-
-fn ok_now(buffer: Option<Vec<u8>>) -> Started {
-    Started::Done(Done {
-        result: Ok(()),
-        buffer,
-        extents: Vec::new(),
-    })
 }
 
 async fn open(addr: &str, export: &str, config: &ClientConfig) -> Result<Active> {
@@ -304,73 +328,88 @@ impl Client {
     /// finished at once.
     pub(crate) fn start(&self, req: Request, completer: Completer) -> Started {
         let active = self.active();
+        match self.check(&active, req) {
+            Ok(req) => self.send(&active, req, completer),
+            Err(done) => Started::Done(done),
+        }
+    }
+
+    /// Finishes `req` at once if it can finish without being sent (a
+    /// validation error, a zero-length or unsupported advisory operation,
+    /// no live connection); hands it back otherwise. Sends nothing.
+    pub(crate) fn finish_now(&self, req: Request) -> Result<Done, Request> {
+        match self.check(&self.active(), req) {
+            Ok(req) => Err(req),
+            Err(done) => Ok(done),
+        }
+    }
+
+    /// Returns the request if it must be sent, or how it finished: the
+    /// caller's read buffer always comes back.
+    fn check(&self, active: &Active, req: Request) -> std::result::Result<Request, Done> {
         let info = &active.info;
         let (offset, len) = req.span();
-        let (command, flags, name) = match &req {
-            Request::Read { .. } => (cmd::READ, 0, "READ"),
-            Request::Write { fua, .. } => {
-                (cmd::WRITE, if *fua { cmd_flags::FUA } else { 0 }, "WRITE")
-            }
-            Request::Flush => (cmd::FLUSH, 0, "FLUSH"),
-            Request::Trim { .. } => (cmd::TRIM, 0, "TRIM"),
-            Request::WriteZeroes {
-                no_hole, fast, fua, ..
-            } => {
-                let mut f = 0;
-                if *no_hole {
-                    f |= cmd_flags::NO_HOLE;
-                }
-                if *fast {
-                    f |= cmd_flags::FAST_ZERO;
-                }
-                if *fua {
-                    f |= cmd_flags::FUA;
-                }
-                (cmd::WRITE_ZEROES, f, "WRITE_ZEROES")
-            }
-            Request::Cache { .. } => (cmd::CACHE, 0, "CACHE"),
-            Request::BlockStatus { .. } => (cmd::BLOCK_STATUS, 0, "BLOCK_STATUS"),
+        let (command, flags, name) = req.wire();
+        let fail = |req: Request, e: ClientError| Done {
+            result: Err(e),
+            buffer: req.into_buffer(),
+            extents: Vec::new(),
+        };
+        let invalid = |req: Request, msg: String| fail(req, ClientError::Invalid(msg));
+        let ok_now = |req: Request| Done {
+            result: Ok(()),
+            buffer: req.into_buffer(),
+            extents: Vec::new(),
         };
         // What the server supports.
         let writes = matches!(command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
         if writes && info.read_only() {
-            return invalid(format!("{name} on a read-only export"));
+            return Err(invalid(req, format!("{name} on a read-only export")));
         }
         if flags & cmd_flags::FUA != 0 && !info.has(tf::SEND_FUA) {
-            return invalid("the server does not support FUA");
+            return Err(invalid(req, "the server does not support FUA".into()));
         }
         match command {
             cmd::FLUSH if !info.has(tf::SEND_FLUSH) => {
-                return invalid("the server does not support FLUSH");
+                return Err(invalid(req, "the server does not support FLUSH".into()));
             }
-            cmd::TRIM if !info.has(tf::SEND_TRIM) => return ok_now(None), // advisory
-            cmd::CACHE if !info.has(tf::SEND_CACHE) => return ok_now(None), // advisory
+            cmd::TRIM if !info.has(tf::SEND_TRIM) => return Err(ok_now(req)), // advisory
+            cmd::CACHE if !info.has(tf::SEND_CACHE) => return Err(ok_now(req)), // advisory
             cmd::WRITE_ZEROES if !info.has(tf::SEND_WRITE_ZEROES) => {
-                return invalid("the server does not support WRITE_ZEROES");
+                return Err(invalid(
+                    req,
+                    "the server does not support WRITE_ZEROES".into(),
+                ));
             }
             cmd::WRITE_ZEROES
                 if flags & cmd_flags::FAST_ZERO != 0 && !info.has(tf::SEND_FAST_ZERO) =>
             {
-                return invalid("the server does not support FAST_ZERO");
+                return Err(invalid(req, "the server does not support FAST_ZERO".into()));
             }
             cmd::BLOCK_STATUS if info.allocation_context.is_none() => {
-                return invalid("base:allocation was not negotiated");
+                return Err(invalid(req, "base:allocation was not negotiated".into()));
             }
-            cmd::BLOCK_STATUS if len == 0 => return invalid("BLOCK_STATUS of length 0"),
+            cmd::BLOCK_STATUS if len == 0 => {
+                return Err(invalid(req, "BLOCK_STATUS of length 0".into()));
+            }
             _ => {}
         }
         // Range and alignment.
         if command != cmd::FLUSH {
             if offset.checked_add(len).is_none_or(|end| end > info.size) {
-                return invalid(format!(
-                    "{name} {offset}+{len} is beyond the end of the export ({})",
-                    info.size
+                return Err(invalid(
+                    req,
+                    format!(
+                        "{name} {offset}+{len} is beyond the end of the export ({})",
+                        info.size
+                    ),
                 ));
             }
             let m = info.min_block as u64;
             if m > 1 && (offset % m != 0 || len % m != 0) {
-                return invalid(format!(
-                    "{name} {offset}+{len} is not aligned to the minimum block size {m}"
+                return Err(invalid(
+                    req,
+                    format!("{name} {offset}+{len} is not aligned to the minimum block size {m}"),
                 ));
             }
         }
@@ -386,8 +425,19 @@ impl Client {
                     possibly_applied: false,
                 },
             };
-            return Started::Done(Done::result(Err(err)));
+            return Err(fail(req, err));
         }
+        if len == 0 && command != cmd::FLUSH {
+            return Err(ok_now(req));
+        }
+        Ok(req)
+    }
+
+    /// Sends a checked request, split into pieces of at most the server's maximum.
+    fn send(&self, active: &Active, req: Request, completer: Completer) -> Started {
+        let info = &active.info;
+        let (offset, len) = req.span();
+        let (command, flags, _) = req.wire();
         let piece_max = match command {
             cmd::READ | cmd::WRITE => info.max_payload as u64,
             // The largest 32-bit length that keeps the minimum alignment.
@@ -399,9 +449,6 @@ impl Client {
             Request::Write { data, .. } => (None, Some(data)),
             _ => (None, None),
         };
-        if len == 0 && command != cmd::FLUSH {
-            return ok_now(req_buf);
-        }
         let len = if command == cmd::BLOCK_STATUS {
             len.min(piece_max)
         } else {
@@ -453,7 +500,7 @@ impl Client {
             let payload = data
                 .as_ref()
                 .map(|d| d.slice(start as usize..(start + n) as usize));
-            let conn = self.pick(&active);
+            let conn = self.pick(active);
             if let Err(refused) = conn.submit(piece, flags, payload) {
                 let (p, e) = *refused;
                 p.op.clone()

@@ -19,7 +19,8 @@
 //!   of one slot from submission until the application consumes its entry,
 //!   and a submission that finds no slot free is refused with
 //!   [`ClientError::RingFull`] (or, with [`CompletionRing::indirect_wait`],
-//!   waits for one).
+//!   waits for one), unless it finishes at once: such an entry never
+//!   enters the ring, so it needs no slot.
 //!
 //! Read buffers are the caller's: handed in with the request and handed
 //! back in the entry, filled in place by the engine.
@@ -48,6 +49,17 @@ pub struct RingEntry {
     pub buffer: Option<Vec<u8>>,
     /// For BLOCK_STATUS: the extents.
     pub extents: Vec<Extent>,
+}
+
+impl RingEntry {
+    fn new(caller_data: u64, done: Done) -> Self {
+        Self {
+            status: done.result,
+            caller_data,
+            buffer: done.buffer,
+            extents: done.extents,
+        }
+    }
 }
 
 /// What [`CompletionRing::indirect`] led to.
@@ -92,12 +104,7 @@ pub(crate) struct RingShared {
 impl RingShared {
     /// Stores a completion at `kernel_head` and wakes waiters.
     pub(crate) fn push(&self, caller_data: u64, done: Done) {
-        let entry = RingEntry {
-            status: done.result,
-            caller_data,
-            buffer: done.buffer,
-            extents: done.extents,
-        };
+        let entry = RingEntry::new(caller_data, done);
         let status_for_notify = self.notify_fn.as_ref().map(|_| entry.status.clone());
         {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -219,8 +226,9 @@ impl CompletionRing {
         self.shared.reserved.load(Ordering::Acquire)
     }
 
-    /// Submits `request` on `client`; see [`Indirect`]. Refused when every
-    /// slot is spoken for.
+    /// Submits `request` on `client`; see [`Indirect`]. When every slot is
+    /// spoken for, a request that finishes at once still does (its entry
+    /// never needs a slot); any other is refused.
     pub fn indirect(
         &self,
         client: &Client,
@@ -228,10 +236,13 @@ impl CompletionRing {
         caller_data: u64,
     ) -> Result<Indirect, Refused> {
         if !self.shared.reserve() {
-            return Err(Refused {
-                error: ClientError::RingFull(self.shared.elements),
-                request,
-            });
+            return match client.finish_now(request) {
+                Ok(done) => Ok(Indirect::Done(RingEntry::new(caller_data, done))),
+                Err(request) => Err(Refused {
+                    error: ClientError::RingFull(self.shared.elements),
+                    request,
+                }),
+            };
         }
         Ok(self.start(client, request, caller_data))
     }
@@ -246,6 +257,7 @@ impl CompletionRing {
         request: Request,
         caller_data: u64,
     ) -> Indirect {
+        let mut request = request;
         loop {
             let space = self.shared.space.notified();
             tokio::pin!(space);
@@ -253,6 +265,10 @@ impl CompletionRing {
             if self.shared.reserve() {
                 return self.start(client, request, caller_data);
             }
+            request = match client.finish_now(request) {
+                Ok(done) => return Indirect::Done(RingEntry::new(caller_data, done)),
+                Err(request) => request,
+            };
             space.await;
         }
     }
@@ -262,12 +278,7 @@ impl CompletionRing {
             Started::Pending => Indirect::Pending,
             Started::Done(done) => {
                 self.shared.release();
-                Indirect::Done(RingEntry {
-                    status: done.result,
-                    caller_data,
-                    buffer: done.buffer,
-                    extents: done.extents,
-                })
+                Indirect::Done(RingEntry::new(caller_data, done))
             }
         }
     }

@@ -260,12 +260,9 @@ async fn wrap_around_many_times() {
     assert_eq!(ring.outstanding(), 0);
 }
 
-#[tokio::test]
-async fn immediate_completions_do_not_take_a_slot() {
-    let (srv, _mem, client) = disk(16).await;
-    let ring = CompletionRing::new(1).unwrap();
-    let size = client.info().size;
-    let cases: Vec<(Request, bool)> = vec![
+/// Requests that finish without being sent, and whether they succeed.
+fn immediate_cases(size: u64) -> Vec<(Request, bool)> {
+    vec![
         (
             Request::Read {
                 offset: 0,
@@ -306,10 +303,20 @@ async fn immediate_completions_do_not_take_a_slot() {
             false,
         ),
         (Request::BlockStatus { offset: 0, len: 0 }, false),
-    ];
-    for (i, (req, ok)) in cases.into_iter().enumerate() {
+    ]
+}
+
+/// Submits every immediate case and checks each finished at once, took no
+/// slot, and (for a READ) handed its buffer back.
+fn submit_immediate_cases(ring: &CompletionRing, client: &Client) {
+    let outstanding = ring.outstanding();
+    for (i, (req, ok)) in immediate_cases(client.info().size).into_iter().enumerate() {
         let head = ring.kernel_head();
-        match ring.indirect(&client, req, i as u64) {
+        let read_len = match &req {
+            Request::Read { buf, .. } => Some(buf.len()),
+            _ => None,
+        };
+        match ring.indirect(client, req, i as u64) {
             Ok(Indirect::Done(e)) => {
                 assert_eq!(e.caller_data, i as u64);
                 if ok {
@@ -321,30 +328,48 @@ async fn immediate_completions_do_not_take_a_slot() {
                         e.status
                     );
                 }
+                assert_eq!(
+                    e.buffer.map(|b| b.len()),
+                    read_len,
+                    "case {i}: a READ's buffer comes back, failed or not"
+                );
             }
             other => panic!("case {i}: expected Indirect::Done, got {other:?}"),
         }
-        assert_eq!(ring.outstanding(), 0, "case {i} kept a slot");
+        assert_eq!(ring.outstanding(), outstanding, "case {i} kept a slot");
         assert_eq!(ring.kernel_head(), head, "case {i} entered the ring");
     }
-    // A zero-length read hands its (empty) buffer back.
-    if let Ok(Indirect::Done(e)) = ring.indirect(
-        &client,
-        Request::Read {
-            offset: 0,
-            buf: Vec::new(),
-        },
-        9,
-    ) {
-        assert_eq!(e.buffer, Some(Vec::new()));
-    }
+}
+
+#[tokio::test]
+async fn immediate_completions_do_not_take_a_slot() {
+    let (srv, _mem, client) = disk(16).await;
+    let ring = CompletionRing::new(1).unwrap();
+    submit_immediate_cases(&ring, &client);
     assert_eq!(srv.requests(), 0, "nothing was sent");
     // The single slot is still free for a real request.
     assert!(matches!(
         ring.indirect(&client, read_block(1), 1),
         Ok(Indirect::Pending)
     ));
+    // Now the ring is full: what finishes at once still does, and only
+    // what would need a slot is refused.
+    submit_immediate_cases(&ring, &client);
+    assert!(matches!(
+        ring.indirect(&client, read_block(2), 2),
+        Err(r) if matches!(r.error, ClientError::RingFull(1))
+    ));
+    match within(
+        "indirect_wait on a full ring",
+        ring.indirect_wait(&client, Request::Trim { offset: 0, len: 0 }, 7),
+    )
+    .await
+    {
+        Indirect::Done(e) => assert!(e.status.is_ok() && e.caller_data == 7),
+        Indirect::Pending => panic!("a zero-length TRIM finishes at once"),
+    }
     check_read(&pop_one(&ring).await);
+    assert_eq!(srv.requests(), 1, "only the real read was sent");
 }
 
 #[tokio::test]
