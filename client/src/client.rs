@@ -30,7 +30,8 @@ const ZERO_PIECE: u64 = 1 << 30;
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Connections to open; more than one only if the server advertises
-    /// CAN_MULTI_CONN.
+    /// CAN_MULTI_CONN (otherwise one, logged; [`Client::connections`] says
+    /// how many were opened).
     pub connections: usize,
     /// A request not answered within this time fails its connection.
     pub request_timeout: Option<Duration>,
@@ -214,6 +215,15 @@ async fn open(addr: &str, export: &str, config: &ClientConfig) -> Result<Active>
         let n = if info.multi_conn() {
             config.connections.max(1)
         } else {
+            if config.connections > 1 {
+                // Without CAN_MULTI_CONN a FLUSH on one connection need not
+                // cover writes sent on another: one connection is the safe choice.
+                tracing::info!(
+                    export,
+                    asked = config.connections,
+                    "the server does not advertise CAN_MULTI_CONN: using one connection"
+                );
+            }
             1
         };
         let mut conns = vec![Arc::new(Conn::start(info.clone(), rd, wr, timeouts))];
