@@ -11,12 +11,20 @@
 //!   thread hand-off, which is most of the cost of a 4 KiB request.
 //! - Elsewhere a read first tries `preadv2(RWF_NOWAIT)`, which succeeds
 //!   inline when the page cache holds the data, and falls back to the
-//!   blocking pool for the rest. Writes, syncs and fallocate go to the
-//!   blocking pool so a slow disk never stalls the runtime.
+//!   blocking pool for the rest.
+//! - A buffered write there (no FUA, at most [`INLINE_WRITE_MAX`]) is a copy
+//!   into the page cache, normally done in microseconds, but the kernel
+//!   offers no non-blocking form of it (ext4 refuses `RWF_NOWAIT` writes).
+//!   So it runs inline while such writes stay fast ([`WritePlacement`]),
+//!   and after one that took over [`SLOW_WRITE`] (writeback throttling, a
+//!   journal wait, a read-modify-write from disk) writes go to the blocking
+//!   pool for [`POOL_AFTER_SLOW`] before inline is tried again.
+//! - FUA writes, syncs and fallocate wait for the device: always the pool.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use memmap2::{Mmap, MmapOptions};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,12 +41,78 @@ const FALLOCATE_PIECE: u64 = 1 << 30;
 /// Size of the zero buffer used when a file system cannot zero by fallocate.
 const ZERO_PIECE: usize = 1 << 20;
 
+/// Largest buffered write that may run inline on a disk-backed volume.
+pub const INLINE_WRITE_MAX: usize = 1 << 20;
+/// An inline write slower than this is taken as having waited for the device.
+pub const SLOW_WRITE: Duration = Duration::from_millis(2);
+/// How long writes stay on the blocking pool after a slow inline write.
+pub const POOL_AFTER_SLOW: Duration = Duration::from_secs(1);
+
+/// Where buffered writes to a disk-backed volume run: inline (no thread
+/// hand-off, which costs more than the copy itself for small writes) until
+/// one turns out slow, then on the blocking pool for a while, so a
+/// device that stalls writers stalls a pool thread, not the runtime.
+#[derive(Debug)]
+pub struct WritePlacement {
+    epoch: quanta::Instant,
+    /// Nanoseconds after `epoch` until which writes go to the pool.
+    pool_until: AtomicU64,
+    /// Times a slow write moved writes to the pool.
+    pub slow_writes: AtomicU64,
+    counter: metrics::Counter,
+}
+
+impl Default for WritePlacement {
+    fn default() -> Self {
+        Self::new(metrics::Counter::noop())
+    }
+}
+
+impl WritePlacement {
+    /// Returns a placement that starts inline and counts slow writes in `counter` too.
+    pub fn new(counter: metrics::Counter) -> Self {
+        Self {
+            epoch: quanta::Instant::now(),
+            pool_until: AtomicU64::new(0),
+            slow_writes: AtomicU64::new(0),
+            counter,
+        }
+    }
+}
+
+impl WritePlacement {
+    fn nanos(&self, t: quanta::Instant) -> u64 {
+        u64::try_from(t.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Reports whether a write starting at `now` may run inline.
+    pub fn inline_at(&self, now: quanta::Instant) -> bool {
+        self.nanos(now) >= self.pool_until.load(Ordering::Relaxed)
+    }
+
+    /// Records an inline write that ran from `start` to `end`; returns true
+    /// if it was slow and writes now go to the pool.
+    pub fn record(&self, start: quanta::Instant, end: quanta::Instant) -> bool {
+        if end.duration_since(start) <= SLOW_WRITE {
+            return false;
+        }
+        let until = self
+            .nanos(end)
+            .saturating_add(POOL_AFTER_SLOW.as_nanos() as u64);
+        self.pool_until.fetch_max(until, Ordering::Relaxed);
+        self.slow_writes.fetch_add(1, Ordering::Relaxed);
+        self.counter.increment(1);
+        true
+    }
+}
+
 /// How the store issues file I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum IoMode {
     /// Inline on memory-backed file systems; elsewhere non-blocking reads
-    /// inline and everything else on the blocking pool.
+    /// and buffered writes inline while they do not wait (see the module
+    /// documentation), and everything else on the blocking pool.
     #[default]
     Auto,
     /// Always inline (for page-cache-friendly disks where latency matters more
@@ -62,6 +136,8 @@ struct Inner {
     read_only: bool,
     inline: bool,
     nowait_reads: AtomicBool,
+    /// Set in auto mode on disk-backed storage: buffered writes inline while fast.
+    adaptive_writes: Option<WritePlacement>,
     block_sizes: BlockSizes,
     /// Read-only mapping of the whole volume, on memory-backed storage only.
     map: Option<RwLock<Arc<Mmap>>>,
@@ -127,6 +203,12 @@ impl FileVolume {
                 read_only,
                 inline,
                 nowait_reads: AtomicBool::new(mode == IoMode::Auto && !memory),
+                adaptive_writes: (mode == IoMode::Auto && !memory).then(|| {
+                    WritePlacement::new(metrics::counter!(
+                        "nbdraid_slow_inline_writes_total",
+                        "volume" => name.to_string()
+                    ))
+                }),
                 block_sizes,
                 map,
                 #[cfg(feature = "fault-injection")]
@@ -172,6 +254,12 @@ impl FileVolume {
     /// `io-mode = "inline"`).
     pub fn inline_io(&self) -> bool {
         self.inner.inline
+    }
+
+    /// The adaptive placement of buffered writes (auto mode on disk-backed
+    /// storage only).
+    pub fn write_placement(&self) -> Option<&WritePlacement> {
+        self.inner.adaptive_writes.as_ref()
     }
 }
 
@@ -373,6 +461,25 @@ impl BlockDevice for FileVolume {
                 sys::write_at(inner.fd(), &buf, offset, fua).map_err(|e| inner.err("write", e))?;
                 return Ok(buf);
             }
+            if let Some(place) = &inner.adaptive_writes
+                && !fua
+                && buf.len() <= INLINE_WRITE_MAX
+            {
+                let start = quanta::Instant::now();
+                if place.inline_at(start) {
+                    sys::write_at(inner.fd(), &buf, offset, false)
+                        .map_err(|e| inner.err("write", e))?;
+                    let end = quanta::Instant::now();
+                    if place.record(start, end) {
+                        tracing::debug!(
+                            volume = %inner.name,
+                            took = ?end.duration_since(start),
+                            "slow inline write: writes go to the blocking pool for a while"
+                        );
+                    }
+                    return Ok(buf);
+                }
+            }
             blocking(&inner, "write", move |i| {
                 sys::write_at(i.fd(), &buf, offset, fua).map_err(|e| i.err("write", e))?;
                 Ok(buf)
@@ -547,6 +654,63 @@ mod tests {
             v.read_zero_copy(ctx, (1 << 20) - 4096, 8192).is_some(),
             "after grow"
         );
+    }
+
+    #[test]
+    fn write_placement_moves_to_the_pool_after_a_slow_write_and_comes_back() {
+        let p = WritePlacement::default();
+        let t0 = quanta::Instant::now();
+        assert!(p.inline_at(t0));
+        assert!(!p.record(t0, t0 + Duration::from_micros(900)), "fast");
+        assert!(p.inline_at(t0 + Duration::from_millis(1)));
+        let end = t0 + SLOW_WRITE + Duration::from_millis(1);
+        assert!(p.record(t0, end), "slow");
+        assert_eq!(p.slow_writes.load(Ordering::Relaxed), 1);
+        assert!(!p.inline_at(end));
+        assert!(!p.inline_at(end + POOL_AFTER_SLOW - Duration::from_millis(1)));
+        assert!(p.inline_at(end + POOL_AFTER_SLOW));
+        // An older slow write never shortens a later pool period.
+        let later = end + Duration::from_millis(500);
+        assert!(p.record(later - Duration::from_millis(3), later));
+        assert!(p.record(t0, end));
+        assert!(!p.inline_at(end + POOL_AFTER_SLOW));
+        assert!(p.inline_at(later + POOL_AFTER_SLOW));
+    }
+
+    #[tokio::test]
+    async fn disk_backed_writes_inline_then_pooled_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(&dir, 8 << 20);
+        let Some(place) = v.write_placement() else {
+            eprintln!("SKIP: the temporary directory is memory-backed");
+            return;
+        };
+        assert!(!v.inline_io());
+        let ctx = IoContext::default();
+        for (i, off) in [0u64, 4096, 1 << 20].into_iter().enumerate() {
+            if i == 2 {
+                // Pretend a write was slow: the next ones go to the pool.
+                let t = quanta::Instant::now();
+                assert!(place.record(t, t + SLOW_WRITE * 2));
+                assert!(!place.inline_at(quanta::Instant::now()));
+            }
+            let len = if i == 1 {
+                INLINE_WRITE_MAX + 4096
+            } else {
+                4096
+            };
+            let data = vec![i as u8 + 1; len];
+            v.write(ctx, off, IoBuf::from_vec(data.clone()), false)
+                .await
+                .unwrap();
+            let back = v.read(ctx, off, IoBuf::zeroed(len)).await.unwrap();
+            assert!(back[..] == data[..], "write {i} did not read back");
+        }
+        v.write(ctx, 4096, IoBuf::from_vec(vec![9u8; 4096]), true)
+            .await
+            .unwrap();
+        let back = v.read(ctx, 4096, IoBuf::zeroed(4096)).await.unwrap();
+        assert!(back.iter().all(|&b| b == 9), "FUA write");
     }
 
     #[tokio::test]
