@@ -891,7 +891,7 @@ def parse_args(argv):
         description="Side-by-side benchmark of nbdraid-node and peer NBD servers "
                     "(nbd-server, nbdkit file, qemu-nbd) serving the same file.",
         epilog="peers.sh builds nbdraid-node first unless given --no-build. Example: "
-               "peers.sh --variant nothrottle='--throttle off' "
+               "peers.sh --variant nothrottle='--no-throttle' "
                "--servers nbdraid,nbdraid:nothrottle,nbdkit --rows randwrite-4k-qd32")
     p.add_argument("--servers", default=",".join((NBDRAID,) + PEERS),
                    help="comma list of nbdraid, nbdraid:VARIANT, nbd-server, nbdkit, qemu-nbd "

@@ -6,7 +6,7 @@
 #
 #   deploy/bench/peers.sh --quick                       # smoke test
 #   deploy/bench/peers.sh --json /tmp/peers.json        # full run, 3 passes
-#   deploy/bench/peers.sh --variant nothrottle='--throttle off' \
+#   deploy/bench/peers.sh --variant nothrottle='--no-throttle' \
 #       --servers nbdraid,nbdraid:nothrottle,nbdkit     # the same server twice
 #
 # --no-build skips cargo (uses the existing target/release/nbdraid-node);
