@@ -18,7 +18,8 @@
 //!   So it runs inline while such writes stay fast ([`WritePlacement`]),
 //!   and after one that took over [`SLOW_WRITE`] (writeback throttling, a
 //!   journal wait, a read-modify-write from disk) writes go to the blocking
-//!   pool for [`POOL_AFTER_SLOW`] before inline is tried again.
+//!   pool for [`POOL_AFTER_SLOW`]; then one probe write tries inline, and
+//!   only a fast probe brings the others back.
 //! - FUA writes, syncs and fallocate wait for the device: always the pool.
 
 use std::fs::File;
@@ -51,15 +52,32 @@ pub const POOL_AFTER_SLOW: Duration = Duration::from_secs(1);
 /// Where buffered writes to a disk-backed volume run: inline (no thread
 /// hand-off, which costs more than the copy itself for small writes) until
 /// one turns out slow, then on the blocking pool for a while, so a
-/// device that stalls writers stalls a pool thread, not the runtime.
+/// device that stalls writers stalls a pool thread, not the runtime. When
+/// that while is over, a single probe write goes inline (the others stay
+/// on the pool) and only a fast probe brings every write back inline, so
+/// a device that is still slow blocks at most one runtime worker per
+/// period.
 #[derive(Debug)]
 pub struct WritePlacement {
     epoch: quanta::Instant,
-    /// Nanoseconds after `epoch` until which writes go to the pool.
+    /// Nanoseconds after `epoch` until which writes go to the pool; 0 = inline.
     pool_until: AtomicU64,
+    /// A probe write is in progress.
+    probing: AtomicBool,
     /// Times a slow write moved writes to the pool.
     pub slow_writes: AtomicU64,
     counter: metrics::Counter,
+}
+
+/// Where one write runs, from [`WritePlacement::place`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Inline: writes have been fast.
+    Inline,
+    /// Inline, as the one write testing whether the device is fast again.
+    Probe,
+    /// On the blocking pool.
+    Pool,
 }
 
 impl Default for WritePlacement {
@@ -74,35 +92,61 @@ impl WritePlacement {
         Self {
             epoch: quanta::Instant::now(),
             pool_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             slow_writes: AtomicU64::new(0),
             counter,
         }
     }
-}
 
-impl WritePlacement {
     fn nanos(&self, t: quanta::Instant) -> u64 {
         u64::try_from(t.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Reports whether a write starting at `now` may run inline.
-    pub fn inline_at(&self, now: quanta::Instant) -> bool {
-        self.nanos(now) >= self.pool_until.load(Ordering::Relaxed)
+    /// Decides where a write starting at `now` runs. A [`Placement::Probe`]
+    /// must be followed by [`WritePlacement::record`], error or not.
+    pub fn place(&self, now: quanta::Instant) -> Placement {
+        let until = self.pool_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return Placement::Inline;
+        }
+        if self.nanos(now) < until {
+            return Placement::Pool;
+        }
+        match self
+            .probing
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        {
+            Ok(_) => Placement::Probe,
+            Err(_) => Placement::Pool,
+        }
     }
 
-    /// Records an inline write that ran from `start` to `end`; returns true
-    /// if it was slow and writes now go to the pool.
-    pub fn record(&self, start: quanta::Instant, end: quanta::Instant) -> bool {
-        if end.duration_since(start) <= SLOW_WRITE {
-            return false;
+    /// Records an inline write placed `how` that ran from `start` to `end`;
+    /// returns true if it was slow and writes now go to the pool.
+    pub fn record(&self, how: Placement, start: quanta::Instant, end: quanta::Instant) -> bool {
+        let slow = end.duration_since(start) > SLOW_WRITE;
+        if slow {
+            let until = self
+                .nanos(end)
+                .saturating_add(POOL_AFTER_SLOW.as_nanos() as u64)
+                .max(1);
+            self.pool_until.fetch_max(until, Ordering::Relaxed);
+            self.slow_writes.fetch_add(1, Ordering::Relaxed);
+            self.counter.increment(1);
+        } else if how == Placement::Probe {
+            // Fast again: everything inline, unless a slow write since then
+            // started a new period.
+            let now = self.nanos(end);
+            let _ = self
+                .pool_until
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    (u != 0 && now >= u).then_some(0)
+                });
         }
-        let until = self
-            .nanos(end)
-            .saturating_add(POOL_AFTER_SLOW.as_nanos() as u64);
-        self.pool_until.fetch_max(until, Ordering::Relaxed);
-        self.slow_writes.fetch_add(1, Ordering::Relaxed);
-        self.counter.increment(1);
-        true
+        if how == Placement::Probe {
+            self.probing.store(false, Ordering::Release);
+        }
+        slow
     }
 }
 
@@ -466,17 +510,18 @@ impl BlockDevice for FileVolume {
                 && buf.len() <= INLINE_WRITE_MAX
             {
                 let start = quanta::Instant::now();
-                if place.inline_at(start) {
-                    sys::write_at(inner.fd(), &buf, offset, false)
-                        .map_err(|e| inner.err("write", e))?;
+                let how = place.place(start);
+                if how != Placement::Pool {
+                    let written = sys::write_at(inner.fd(), &buf, offset, false);
                     let end = quanta::Instant::now();
-                    if place.record(start, end) {
+                    if place.record(how, start, end) {
                         tracing::debug!(
                             volume = %inner.name,
                             took = ?end.duration_since(start),
                             "slow inline write: writes go to the blocking pool for a while"
                         );
                     }
+                    written.map_err(|e| inner.err("write", e))?;
                     return Ok(buf);
                 }
             }
@@ -657,24 +702,38 @@ mod tests {
     }
 
     #[test]
-    fn write_placement_moves_to_the_pool_after_a_slow_write_and_comes_back() {
+    fn write_placement_moves_to_the_pool_after_a_slow_write_and_probes_back() {
+        use Placement::*;
         let p = WritePlacement::default();
+        let ms = Duration::from_millis;
         let t0 = quanta::Instant::now();
-        assert!(p.inline_at(t0));
-        assert!(!p.record(t0, t0 + Duration::from_micros(900)), "fast");
-        assert!(p.inline_at(t0 + Duration::from_millis(1)));
-        let end = t0 + SLOW_WRITE + Duration::from_millis(1);
-        assert!(p.record(t0, end), "slow");
+        assert_eq!(p.place(t0), Inline);
+        assert!(!p.record(Inline, t0, t0 + Duration::from_micros(900)), "fast");
+        assert_eq!(p.place(t0 + ms(1)), Inline);
+        let end = t0 + SLOW_WRITE + ms(1);
+        assert!(p.record(Inline, t0, end), "slow");
         assert_eq!(p.slow_writes.load(Ordering::Relaxed), 1);
-        assert!(!p.inline_at(end));
-        assert!(!p.inline_at(end + POOL_AFTER_SLOW - Duration::from_millis(1)));
-        assert!(p.inline_at(end + POOL_AFTER_SLOW));
+        assert_eq!(p.place(end), Pool);
+        assert_eq!(p.place(end + POOL_AFTER_SLOW - ms(1)), Pool);
+        // The period is over: one probe at a time, the rest stay pooled.
+        let t1 = end + POOL_AFTER_SLOW;
+        assert_eq!(p.place(t1), Probe);
+        assert_eq!(p.place(t1), Pool, "a second probe while one runs");
+        // A slow probe: another period, and the probe slot is free again.
+        assert!(p.record(Probe, t1, t1 + ms(3)));
+        assert_eq!(p.place(t1 + ms(3)), Pool);
+        let t2 = t1 + ms(3) + POOL_AFTER_SLOW;
+        assert_eq!(p.place(t2), Probe);
+        // A fast probe brings every write back inline.
+        assert!(!p.record(Probe, t2, t2 + ms(1)));
+        assert_eq!(p.place(t2 + ms(1)), Inline);
+        assert_eq!(p.place(t2 + ms(1)), Inline);
         // An older slow write never shortens a later pool period.
-        let later = end + Duration::from_millis(500);
-        assert!(p.record(later - Duration::from_millis(3), later));
-        assert!(p.record(t0, end));
-        assert!(!p.inline_at(end + POOL_AFTER_SLOW));
-        assert!(p.inline_at(later + POOL_AFTER_SLOW));
+        let t3 = t2 + ms(10);
+        assert!(p.record(Inline, t3 - ms(3), t3 + ms(500)));
+        assert!(p.record(Inline, t3 - ms(3), t3));
+        assert_eq!(p.place(t3 + POOL_AFTER_SLOW), Pool);
+        assert_eq!(p.place(t3 + ms(500) + POOL_AFTER_SLOW), Probe);
     }
 
     #[tokio::test]
@@ -691,8 +750,8 @@ mod tests {
             if i == 2 {
                 // Pretend a write was slow: the next ones go to the pool.
                 let t = quanta::Instant::now();
-                assert!(place.record(t, t + SLOW_WRITE * 2));
-                assert!(!place.inline_at(quanta::Instant::now()));
+                assert!(place.record(Placement::Inline, t, t + SLOW_WRITE * 2));
+                assert_eq!(place.place(quanta::Instant::now()), Placement::Pool);
             }
             let len = if i == 1 {
                 INLINE_WRITE_MAX + 4096
