@@ -708,7 +708,10 @@ mod tests {
         let ms = Duration::from_millis;
         let t0 = quanta::Instant::now();
         assert_eq!(p.place(t0), Inline);
-        assert!(!p.record(Inline, t0, t0 + Duration::from_micros(900)), "fast");
+        assert!(
+            !p.record(Inline, t0, t0 + Duration::from_micros(900)),
+            "fast"
+        );
         assert_eq!(p.place(t0 + ms(1)), Inline);
         let end = t0 + SLOW_WRITE + ms(1);
         assert!(p.record(Inline, t0, end), "slow");
