@@ -300,7 +300,10 @@ impl Client {
         self.active().conns.iter().all(|c| !c.is_failed())
     }
 
-    /// Returns a watch on connection `i`'s state.
+    /// Returns a watch on connection `i`'s state. It follows that one
+    /// connection: after [`Client::reconnect`] it shows
+    /// [`ConnState::Closed`] and then ends (`changed()` fails); take a new
+    /// watch for the new connection.
     pub fn watch_state(&self, i: usize) -> Option<watch::Receiver<ConnState>> {
         self.active().conns.get(i).map(|c| c.watch())
     }

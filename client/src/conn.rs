@@ -233,6 +233,9 @@ impl Drop for Conn {
             t.abort();
         }
         if !self.shared.failed.swap(true, Ordering::AcqRel) {
+            // Replaced by reconnect() or dropped with the client: watchers
+            // see it end (and then the watch itself ends).
+            self.shared.state.send_replace(ConnState::Closed);
             let pieces: Vec<Piece> = self.shared.table().drain().collect();
             for p in pieces {
                 p.finish(Err(ClientError::Closed));

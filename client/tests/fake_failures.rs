@@ -348,9 +348,22 @@ async fn reconnect_completes_requests_on_the_old_connection() {
             Ok(Indirect::Pending)
         ));
     }
+    let mut old = client.watch_state(0).expect("connection 0");
+    assert_eq!(*old.borrow_and_update(), ConnState::Ready);
     within("reconnect", client.reconnect())
         .await
         .expect("reconnect");
+    // A watch follows one connection: it reports the old one closed, then
+    // ends; the new connection has a watch of its own.
+    assert_eq!(*old.borrow_and_update(), ConnState::Closed);
+    within("the old watch ends", async {
+        while old.changed().await.is_ok() {}
+    })
+    .await;
+    assert_eq!(
+        *client.watch_state(0).expect("new connection").borrow(),
+        ConnState::Ready
+    );
     let mut n = 0;
     while n < 4 {
         within(
