@@ -12,6 +12,19 @@ use nbdraid_proto::units::format_size;
 use tonic::transport::Channel;
 
 /// Volume administration.
+/// Which storage node to talk to (`--node`, for every admin subcommand).
+#[derive(Debug, clap::Args)]
+pub struct NodeAddr {
+    /// The node's gRPC address (its --grpc-listen), host:port.
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:10810"
+    )]
+    pub node: String,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VolumeCmd {
     /// Create a volume (a sparse file reading as zeroes).

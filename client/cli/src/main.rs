@@ -41,27 +41,15 @@ enum Command {
     Bench(bench::Args),
     /// Create, list, grow, delete volumes on a storage node.
     Volume {
-        /// The node's gRPC address (its --grpc-listen), host:port.
-        #[arg(
-            long,
-            global = true,
-            value_name = "ADDR",
-            default_value = "127.0.0.1:10810"
-        )]
-        node: String,
+        #[command(flatten)]
+        node: admin::NodeAddr,
         #[command(subcommand)]
         cmd: admin::VolumeCmd,
     },
     /// Show a storage node's identity, version and capacity.
     Node {
-        /// The node's gRPC address (its --grpc-listen), host:port.
-        #[arg(
-            long,
-            global = true,
-            value_name = "ADDR",
-            default_value = "127.0.0.1:10810"
-        )]
-        node: String,
+        #[command(flatten)]
+        node: admin::NodeAddr,
         #[command(subcommand)]
         cmd: admin::NodeCmd,
     },
@@ -99,8 +87,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Info(a) => info::run(a).await,
             Command::Cp(a) => cp::run(a).await,
             Command::Bench(a) => bench::run(a).await,
-            Command::Volume { node, cmd } => admin::volume(&node, cmd).await,
-            Command::Node { node, cmd } => admin::node(&node, cmd).await,
+            Command::Volume { node, cmd } => admin::volume(&node.node, cmd).await,
+            Command::Node { node, cmd } => admin::node(&node.node, cmd).await,
         }
     })
 }
