@@ -363,17 +363,13 @@ impl Client {
         let info = &active.info;
         let (offset, len) = req.span();
         let (command, flags, name) = req.wire();
-        let fail = |req: Request, e: ClientError| Done {
-            result: Err(e),
+        let finish = |req: Request, result: Result<()>| Done {
+            result,
             buffer: req.into_buffer(),
             extents: Vec::new(),
         };
-        let invalid = |req: Request, msg: String| fail(req, ClientError::Invalid(msg));
-        let ok_now = |req: Request| Done {
-            result: Ok(()),
-            buffer: req.into_buffer(),
-            extents: Vec::new(),
-        };
+        let invalid = |req: Request, msg: String| finish(req, Err(ClientError::Invalid(msg)));
+        let ok_now = |req: Request| finish(req, Ok(()));
         // What the server supports.
         let writes = matches!(command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
         if writes && info.read_only() {
@@ -438,7 +434,7 @@ impl Client {
                     possibly_applied: false,
                 },
             };
-            return Err(fail(req, err));
+            return Err(finish(req, Err(err)));
         }
         if len == 0 && command != cmd::FLUSH {
             return Err(ok_now(req));

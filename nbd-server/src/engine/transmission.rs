@@ -266,13 +266,7 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         let _ = self.tx.send(r);
     }
 
-    fn dispatch(
-        &self,
-        h: RequestHeader,
-        op: OpKind,
-        guard: ThrottleGuard,
-        payload: Option<crate::buffer::IoBuf>,
-    ) {
+    fn dispatch(&self, h: RequestHeader, op: OpKind, guard: ThrottleGuard, payload: Option<IoBuf>) {
         let start = quanta::Instant::now();
         let (cookie, offset, len) = (h.cookie, h.offset, h.length as u64);
         let fua = h.flags & cmd_flags::FUA != 0;

@@ -24,11 +24,11 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use memmap2::{Mmap, MmapOptions};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::buffer::{IoBuf, MappedSlice};
 use crate::device::{BlockDevice, BlockSizes, DeviceInfo, Extent, IoContext, IoFuture, ZeroFlags};
@@ -228,6 +228,8 @@ impl FileVolume {
             IoMode::Inline => true,
             IoMode::Blocking => false,
         };
+        // Auto mode on a disk: reads try RWF_NOWAIT, buffered writes adapt.
+        let auto_on_disk = mode == IoMode::Auto && !memory;
         // Zero-copy reads only where a page fault can never block on a
         // device or raise SIGBUS on an I/O error.
         let map = (memory && mode != IoMode::Blocking)
@@ -246,8 +248,8 @@ impl FileVolume {
                 size: AtomicU64::new(size),
                 read_only,
                 inline,
-                nowait_reads: AtomicBool::new(mode == IoMode::Auto && !memory),
-                adaptive_writes: (mode == IoMode::Auto && !memory).then(|| {
+                nowait_reads: AtomicBool::new(auto_on_disk),
+                adaptive_writes: auto_on_disk.then(|| {
                     WritePlacement::new(metrics::counter!(
                         "nbdraid_slow_inline_writes_total",
                         "volume" => name.to_string()
