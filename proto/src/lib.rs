@@ -1,5 +1,6 @@
 //! Everything nbdraid speaks on a wire.
 //!
+//! - [`buf`]: pooled request buffers, shared by the server engine and the client.
 //! - [`consts`]: the numbers of the NBD protocol.
 //! - [`handshake`]: codecs for the fixed newstyle handshake (both sides).
 //! - [`options`]: the structured data of INFO/GO and META_CONTEXT options.
@@ -10,6 +11,7 @@
 //! The codecs do no I/O and never panic on input: every malformed byte
 //! sequence is a [`ProtoError`].
 
+pub mod buf;
 pub mod consts;
 pub mod handshake;
 pub mod io;

@@ -11,12 +11,42 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use nbdraid_engine::cost::SharedCostModel;
+use nbdraid_engine::device::{BlockDevice, BlockSizes};
+use nbdraid_engine::metrics::OpMetrics;
+use nbdraid_engine::server::{Export, ExportRegistry};
+
 use crate::catalog::{Catalog, VolumeRecord};
-use crate::device::{BlockDevice, BlockSizes};
-use crate::engine::{Export, ExportRegistry};
 use crate::error::{Error, Result};
-use crate::metrics::OpMetrics;
 use crate::store::file::{FileVolume, IoMode};
+
+/// The device a volume is served as: its file, behind the fault-injection
+/// wrapper in testing builds.
+#[cfg(feature = "fault-injection")]
+pub type VolumeDevice = nbdraid_engine::fault::FaultyDevice<FileVolume>;
+/// The device a volume is served as: its file.
+#[cfg(not(feature = "fault-injection"))]
+pub type VolumeDevice = FileVolume;
+
+#[cfg(feature = "fault-injection")]
+fn wrap(file: FileVolume, name: &str) -> VolumeDevice {
+    nbdraid_engine::fault::FaultyDevice::new(Arc::new(file), name)
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn wrap(file: FileVolume, _name: &str) -> VolumeDevice {
+    file
+}
+
+#[cfg(feature = "fault-injection")]
+fn file_of(dev: &VolumeDevice) -> &FileVolume {
+    dev.inner()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn file_of(dev: &VolumeDevice) -> &FileVolume {
+    dev
+}
 
 /// Longest volume name accepted.
 pub const MAX_NAME_LEN: usize = 128;
@@ -45,18 +75,21 @@ pub struct Volumes {
     catalog: Arc<dyn Catalog>,
     io_mode: IoMode,
     block_sizes: BlockSizes,
+    model: SharedCostModel,
     default_export: Option<String>,
-    open: RwLock<BTreeMap<String, Export<FileVolume>>>,
+    open: RwLock<BTreeMap<String, Export<VolumeDevice>>>,
 }
 
 impl Volumes {
-    /// Opens every volume in `catalog`, with files under `data_dir/volumes`.
-    /// A volume whose file is missing is logged and left unexported.
+    /// Opens every volume in `catalog`, with files under `data_dir/volumes`,
+    /// charging requests by the node's cost `model`. A volume whose file is
+    /// missing is logged and left unexported.
     pub fn open(
         data_dir: &Path,
         catalog: Arc<dyn Catalog>,
         io_mode: IoMode,
         block_sizes: BlockSizes,
+        model: SharedCostModel,
         default_export: Option<String>,
     ) -> Result<Self> {
         let dir = data_dir.join("volumes");
@@ -67,6 +100,7 @@ impl Volumes {
             catalog,
             io_mode,
             block_sizes,
+            model,
             default_export,
             open: RwLock::new(BTreeMap::new()),
         };
@@ -88,15 +122,15 @@ impl Volumes {
         self.dir.join(format!("{name}.img"))
     }
 
-    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Export<FileVolume>>> {
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Export<VolumeDevice>>> {
         self.open.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Export<FileVolume>>> {
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Export<VolumeDevice>>> {
         self.open.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn open_file(&self, rec: &VolumeRecord) -> Result<Export<FileVolume>> {
+    fn open_file(&self, rec: &VolumeRecord) -> Result<Export<VolumeDevice>> {
         let path = self.path_of(&rec.name);
         let what = path.display().to_string();
         let file = OpenOptions::new()
@@ -120,10 +154,12 @@ impl Volumes {
             rec.read_only,
             self.io_mode,
             self.block_sizes,
+            self.model.clone(),
         );
+        nbdraid_engine::metrics::unretire_export(&rec.name);
         Ok(Export {
             name: rec.name.clone(),
-            device: Arc::new(device),
+            device: Arc::new(wrap(device, &rec.name)),
             metrics: OpMetrics::new(&rec.name),
         })
     }
@@ -161,6 +197,13 @@ impl Volumes {
             .and_then(|_| File::open(&self.dir)?.sync_all());
         if let Err(e) = made {
             let _ = std::fs::remove_file(&path);
+            if e.raw_os_error() == Some(libc::EFBIG) {
+                return Err(Error::BadRequest(format!(
+                    "volume {name:?} of {} is larger than the file system under {} allows for one file",
+                    nbdraid_proto::ByteSize(size),
+                    self.dir.display()
+                )));
+            }
             return Err(Error::io("create", what, e));
         }
         drop(file);
@@ -219,7 +262,7 @@ impl Volumes {
         }
         // File first, then the record: a crash in between leaves a longer
         // file, which the catalog's size (authoritative) ignores.
-        dev.grow(new_size)?;
+        file_of(&dev).grow(new_size)?;
         rec.size = new_size;
         self.catalog.update(&rec)?;
         tracing::info!(volume = name, size = new_size, "volume resized");
@@ -236,9 +279,10 @@ impl Volumes {
                 .connections
                 .load(std::sync::atomic::Ordering::Acquire);
             if conns > 0 {
-                return Err(Error::Busy(format!(
-                    "{name}: {conns} client connection(s) open"
-                )));
+                return Err(Error::Busy {
+                    volume: name.to_string(),
+                    why: format!("{conns} client connection(s) open; disconnect them first"),
+                });
             }
         }
         if self.catalog.get(name)?.is_none() {
@@ -247,6 +291,7 @@ impl Volumes {
         map.remove(name);
         self.catalog.remove(name)?;
         drop(map);
+        nbdraid_engine::metrics::retire_export(name);
         let path = self.path_of(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -261,7 +306,7 @@ impl Volumes {
     }
 
     /// Returns the export of volume `name` (device and metrics).
-    pub fn export(&self, name: &str) -> Option<Export<FileVolume>> {
+    pub fn export(&self, name: &str) -> Option<Export<VolumeDevice>> {
         self.read_map().get(name).cloned()
     }
 
@@ -270,9 +315,17 @@ impl Volumes {
         self.catalog.list()
     }
 
-    /// Returns the open device of a volume.
-    pub fn device(&self, name: &str) -> Option<Arc<FileVolume>> {
+    /// Returns the device a volume is served as.
+    pub fn device(&self, name: &str) -> Option<Arc<VolumeDevice>> {
         self.read_map().get(name).map(|e| e.device.clone())
+    }
+
+    /// Returns the fault control of volume `name` (testing builds only).
+    #[cfg(feature = "fault-injection")]
+    pub fn faults(&self, name: &str) -> Option<Arc<nbdraid_engine::fault::FaultControl>> {
+        self.read_map()
+            .get(name)
+            .map(|e| e.device.control().clone())
     }
 
     fn default_name(&self) -> Option<String> {
@@ -287,8 +340,8 @@ impl Volumes {
     }
 }
 
-impl ExportRegistry<FileVolume> for Volumes {
-    fn lookup(&self, name: &str) -> Option<Export<FileVolume>> {
+impl ExportRegistry<VolumeDevice> for Volumes {
+    fn lookup(&self, name: &str) -> Option<Export<VolumeDevice>> {
         let name = if name.is_empty() {
             self.default_name()?
         } else {

@@ -254,7 +254,7 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         let guard = self
             .engine
             .throttle
-            .acquire(self.share.get(), crate::device::BASE_COST)
+            .acquire(self.share.get(), crate::cost::BASE_COST)
             .await
             .ok()
             .map(|(g, _)| g);

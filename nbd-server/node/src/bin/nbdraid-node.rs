@@ -1,15 +1,16 @@
 //! `nbdraid-node`: the storage node daemon. Parses configuration and flags,
-//! then hands over to [`nbd_server::node`].
+//! then hands over to [`nbdraid_node::node`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nbd_server::config::{NodeConfig, VolumeSpec};
-use nbd_server::store::file::IoMode;
+use nbdraid_engine::daemon::{MainSettings, run_main};
+use nbdraid_node::config::{NodeConfig, VolumeSpec};
+use nbdraid_node::node::Node;
+use nbdraid_node::store::file::IoMode;
 use nbdraid_proto::ByteSize;
-use tokio_util::sync::CancellationToken;
 
 /// Serve volumes over NBD.
 #[derive(Debug, Parser)]
@@ -18,49 +19,51 @@ struct Args {
     /// TOML configuration file; flags override its settings.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// NBD listen address (port 0 picks a free port).
+    /// NBD listen address (port 0 picks a free port) [default: 127.0.0.1:10809].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Prometheus metrics listen address.
+    /// Prometheus metrics listen address [default: none, disabled].
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// gRPC control plane listen address (admin, throttle).
+    /// gRPC control plane listen address (admin, throttle) [default: none, disabled].
     #[arg(long)]
     grpc_listen: Option<SocketAddr>,
-    /// Data directory (catalog and volume files).
+    /// Data directory (catalog and volume files) [default: /var/lib/nbdraid/node].
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Volume to create if missing: NAME:SIZE or NAME:SIZE:ro (repeatable).
     #[arg(long = "volume", value_name = "NAME:SIZE[:ro]")]
     volumes: Vec<VolumeSpec>,
-    /// Export served for the default name "".
+    /// Export served for the default name "" [default: the only volume, if there is one].
     #[arg(long)]
     default_export: Option<String>,
     /// Write the bound addresses as JSON to this file once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Throttle capacity (request buffer memory budget), e.g. 256M.
+    /// Throttle capacity (request buffer memory budget) [default: 256M].
     #[arg(long)]
     throttle_capacity: Option<ByteSize>,
-    /// Part of the throttle capacity reserved for background traffic, e.g. 64M.
+    /// Part of the throttle capacity reserved for background traffic
+    /// [default: a quarter of the capacity, at least the largest request].
     #[arg(long)]
     background_reserve: Option<ByteSize>,
     /// Disable the throttle (measurements only: memory becomes unbounded).
     #[arg(long)]
     no_throttle: bool,
-    /// How file I/O is issued: auto, inline or blocking.
+    /// How file I/O is issued: auto, inline or blocking [default: auto].
     #[arg(long, value_parser = parse_io_mode)]
     io_mode: Option<IoMode>,
-    /// Largest READ/WRITE payload, e.g. 32M.
+    /// Largest READ/WRITE payload [default: 32M].
     #[arg(long)]
     max_payload: Option<ByteSize>,
-    /// Runtime worker threads (0 = one per usable CPU).
+    /// Runtime worker threads, 0 = one per usable CPU [default: 0].
     #[arg(long)]
     threads: Option<usize>,
-    /// Log filter, e.g. info, debug, nbd_server=trace.
+    /// Log filter, e.g. debug or nbdraid_engine=trace [default: info].
     #[arg(long)]
     log: Option<String>,
-    /// Validate the configuration, print it, and exit.
+    /// Check the configuration as a start would (data dir, volume sizes),
+    /// print it, and exit.
     #[arg(long)]
     check_config: bool,
 }
@@ -127,7 +130,6 @@ fn build_config(args: &Args) -> anyhow::Result<NodeConfig> {
 }
 
 fn main() -> ExitCode {
-    nbd_server::buffer::pin_malloc_behaviour();
     let args = Args::parse();
     let config = match build_config(&args) {
         Ok(c) => c,
@@ -137,6 +139,10 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        if let Err(e) = config.check_environment() {
+            eprintln!("nbdraid-node: {e}");
+            return ExitCode::from(2);
+        }
         match toml::to_string_pretty(&config) {
             Ok(t) => print!("{t}"),
             Err(e) => eprintln!("nbdraid-node: {e}"),
@@ -144,55 +150,41 @@ fn main() -> ExitCode {
         println!("# configuration is valid");
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.threads > 0 {
-        rt.worker_threads(config.threads);
-    }
-    let rt = match rt.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nbdraid-node: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let settings = MainSettings {
+        name: "nbdraid-node",
+        threads: config.threads,
+        log: config.log.clone(),
+        exit_grace: std::time::Duration::from_secs(2),
     };
-    let result = rt.block_on(async move {
-        let node = nbd_server::node::Node::start(config).await?;
-        let shutdown = CancellationToken::new();
-        tokio::spawn(wait_for_signal(shutdown.clone()));
+    run_main(settings, |shutdown| async move {
+        let node = Node::start(config).await?;
         node.run(shutdown).await
-    });
-    // Blocking-pool threads still finishing requests must not hold up exit.
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "node failed");
-            eprintln!("nbdraid-node: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The defaults `--help` states are the configuration's real defaults.
+    #[test]
+    fn help_states_the_real_defaults() {
+        let help = Args::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let d = NodeConfig::default();
+        for want in [
+            format!("[default: {}]", d.listen),
+            format!("[default: {}]", d.data_dir.display()),
+            format!("[default: {}]", d.throttle.capacity),
+            format!("[default: {}]", d.max_payload),
+            format!("[default: {}]", d.threads),
+            format!("[default: {}]", d.log),
+            "[default: auto]".to_string(),
+        ] {
+            assert!(help.contains(&want), "--help lacks {want:?}:\n{help}");
+        }
+        assert_eq!(d.io_mode, IoMode::Auto);
+        assert!(d.metrics_listen.is_none() && d.grpc_listen.is_none());
     }
-    shutdown.cancel();
 }

@@ -164,7 +164,7 @@ impl ThrottleSettings {
         if self.enabled
             && (fg < self.largest_request || self.background_reserve < self.largest_request)
         {
-            return Err(Error::Config(format!(
+            return Err(Error::Throttle(format!(
                 "throttle capacity {} with background reserve {} leaves a pool below the largest request ({} units): raise throttle.capacity or lower max-payload",
                 self.capacity, self.background_reserve, self.largest_request
             )));
@@ -289,7 +289,7 @@ impl Throttle {
     /// smallest share, and `units` must be at least that too.
     pub fn add_share(&self, name: &str, units: u64, parent: ShareId) -> Result<ShareId> {
         if units < self.min_share {
-            return Err(Error::BadRequest(format!(
+            return Err(Error::Throttle(format!(
                 "a grant of {units} units is smaller than the largest request ({} units)",
                 self.min_share
             )));
@@ -298,10 +298,10 @@ impl Throttle {
         let p = st
             .shares
             .get_mut(&parent)
-            .ok_or_else(|| Error::BadRequest(format!("no share {parent}")))?;
+            .ok_or_else(|| Error::Throttle(format!("no share {parent}")))?;
         let left = p.reserved.saturating_sub(units);
         if p.reserved < units || left < self.min_share {
-            return Err(Error::BadRequest(format!(
+            return Err(Error::Throttle(format!(
                 "cannot grant {units} units: the {} pool has {} reserved and must keep {}",
                 p.name, p.reserved, self.min_share
             )));

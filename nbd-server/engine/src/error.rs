@@ -1,14 +1,19 @@
-//! The node library's one error type, and its single mapping to NBD errnos.
+//! The data path's one error type, and its single mapping to NBD errnos
+//! and gRPC status codes.
+//!
+//! Only what a request can meet lives here: range and flag checks, storage
+//! failures, shutdown, and the throttle. Administrative errors (a catalog,
+//! volume names, configuration) belong to the daemon that has them.
 
 use nbdraid_proto::consts::errno;
 
 /// Convenience alias for results carrying [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can fail in the node library.
+/// Everything that can fail while serving a request.
 ///
 /// Each variant maps to exactly one NBD error number in [`Error::nbd_errno`]
-/// (and, for the control plane, one gRPC status code).
+/// and one gRPC status code (`From<Error> for tonic::Status`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A read-class request (READ, TRIM, CACHE, BLOCK_STATUS) outside the export.
@@ -51,7 +56,7 @@ pub enum Error {
     Io {
         /// Which operation.
         op: &'static str,
-        /// Which volume or file.
+        /// Which volume, file or member.
         what: String,
         /// The OS error.
         #[source]
@@ -68,24 +73,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The volume catalog failed.
-    #[error("catalog: {0}")]
-    Catalog(String),
-    /// A volume that does not exist.
-    #[error("no volume named {0:?}")]
-    UnknownVolume(String),
-    /// A volume that already exists.
-    #[error("volume {0:?} already exists")]
-    VolumeExists(String),
-    /// A request a user made that cannot be honoured (bad name, shrinking, ...).
-    #[error("{0}")]
-    BadRequest(String),
-    /// An operation on a volume that is in use.
-    #[error("volume {0:?} is in use")]
-    Busy(String),
-    /// A configuration error.
-    #[error("config: {0}")]
-    Config(String),
+    /// A throttle division or grant that cannot be honoured.
+    #[error("throttle: {0}")]
+    Throttle(String),
 }
 
 impl Error {
@@ -100,21 +90,26 @@ impl Error {
         }
     }
 
+    /// Returns an EIO error for `op` on `what` with a message (a member
+    /// that failed, an array that cannot serve a range).
+    pub fn eio(op: &'static str, what: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Io {
+            op,
+            what: what.into(),
+            source: std::io::Error::other(msg.into()),
+        }
+    }
+
     /// Returns the NBD error number this error is reported as.
     pub fn nbd_errno(&self) -> u32 {
         match self {
-            Error::OutOfRange { .. } | Error::Invalid(_) | Error::UnknownVolume(_) => errno::EINVAL,
+            Error::OutOfRange { .. } | Error::Invalid(_) | Error::Throttle(_) => errno::EINVAL,
             Error::NoSpace { .. } | Error::StorageFull { .. } => errno::ENOSPC,
             Error::ReadOnly => errno::EPERM,
             Error::FastZeroUnsupported => errno::ENOTSUP,
             Error::Overflow(_) => errno::EOVERFLOW,
             Error::ShuttingDown => errno::ESHUTDOWN,
-            Error::Io { .. }
-            | Error::Catalog(_)
-            | Error::VolumeExists(_)
-            | Error::BadRequest(_)
-            | Error::Busy(_)
-            | Error::Config(_) => errno::EIO,
+            Error::Io { .. } => errno::EIO,
         }
     }
 }
@@ -123,20 +118,16 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         let msg = e.to_string();
         match e {
-            Error::UnknownVolume(_) => tonic::Status::not_found(msg),
-            Error::VolumeExists(_) => tonic::Status::already_exists(msg),
-            Error::BadRequest(_)
-            | Error::Invalid(_)
-            | Error::Config(_)
-            | Error::OutOfRange { .. } => tonic::Status::invalid_argument(msg),
-            Error::Busy(_) => tonic::Status::failed_precondition(msg),
+            Error::Invalid(_) | Error::OutOfRange { .. } | Error::Throttle(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
             Error::ReadOnly => tonic::Status::permission_denied(msg),
             Error::NoSpace { .. } | Error::StorageFull { .. } | Error::Overflow(_) => {
                 tonic::Status::resource_exhausted(msg)
             }
             Error::ShuttingDown => tonic::Status::unavailable(msg),
             Error::FastZeroUnsupported => tonic::Status::unimplemented(msg),
-            Error::Io { .. } | Error::Catalog(_) => tonic::Status::internal(msg),
+            Error::Io { .. } => tonic::Status::internal(msg),
         }
     }
 }

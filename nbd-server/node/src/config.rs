@@ -20,12 +20,58 @@ use std::str::FromStr;
 use nbdraid_proto::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use crate::device::{BlockSizes, OpKind, default_cost};
+use nbdraid_engine::cost::CostModel;
+use nbdraid_engine::daemon::ListenAddrs;
+use nbdraid_engine::device::{BlockSizes, OpKind};
+use nbdraid_engine::fault::{Faults, OpSet};
+use nbdraid_engine::throttle::ThrottleSettings;
+
 use crate::error::{Error, Result};
-use crate::fault::FaultSpec;
 use crate::store::file::IoMode;
-use crate::throttle::ThrottleSettings;
 use crate::volumes::validate_name;
+
+/// FOR TESTING ONLY: a fault injected into one volume's storage (builds
+/// with the `fault-injection` feature; also settable over gRPC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FaultSpec {
+    /// The volume it applies to.
+    pub volume: String,
+    /// Added to every storage operation, in microseconds.
+    pub delay_us: u64,
+    /// Storage throughput limit in bytes per second (0 = none).
+    pub bandwidth: ByteSize,
+    /// Reads (and cache, block status) fail with EIO.
+    pub fail_reads: bool,
+    /// Writes (and trim, write zeroes) fail with EIO.
+    pub fail_writes: bool,
+    /// Flushes fail with EIO.
+    pub fail_flush: bool,
+    /// Every operation waits until this is cleared (a stopped disk).
+    pub hang: bool,
+}
+
+impl FaultSpec {
+    /// Returns the settings for the fault wrapper.
+    pub fn faults(&self) -> Faults {
+        let mut fail = OpSet::NONE;
+        if self.fail_reads {
+            fail = fail.union(OpSet::reads());
+        }
+        if self.fail_writes {
+            fail = fail.union(OpSet::writes());
+        }
+        if self.fail_flush {
+            fail = fail.union(OpSet::of(&[OpKind::Flush]));
+        }
+        Faults {
+            delay: std::time::Duration::from_micros(self.delay_us),
+            bandwidth: self.bandwidth.0,
+            fail,
+            hang: self.hang,
+        }
+    }
+}
 
 /// A volume declared in the configuration, created at start-up if missing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,9 +225,24 @@ impl NodeConfig {
         }
     }
 
+    /// Returns the node's cost model (what its volumes charge and its
+    /// `Throttle` service publishes).
+    pub fn cost_model(&self) -> CostModel {
+        CostModel::buffers("node")
+    }
+
+    /// Returns the addresses to listen on.
+    pub fn listen_addrs(&self) -> ListenAddrs {
+        ListenAddrs {
+            nbd: self.listen,
+            metrics: self.metrics_listen,
+            grpc: self.grpc_listen,
+        }
+    }
+
     /// Returns the throttle division this configuration asks for.
     pub fn throttle_settings(&self) -> ThrottleSettings {
-        let largest = default_cost(OpKind::Write, self.max_payload.0);
+        let largest = self.cost_model().cost(OpKind::Write, self.max_payload.0);
         let capacity = self.throttle.capacity.0;
         let background_reserve = match self.throttle.background_reserve {
             Some(b) => b.0,
@@ -204,7 +265,9 @@ impl NodeConfig {
                 self.max_payload
             )));
         }
-        self.throttle_settings().check()?;
+        self.throttle_settings()
+            .check()
+            .map_err(|e| Error::Config(e.to_string()))?;
         if self.throttle.lease_ttl_secs == 0 {
             return Err(Error::Config(
                 "throttle.lease-ttl-secs must be at least 1".into(),
@@ -244,6 +307,109 @@ impl NodeConfig {
     }
 }
 
+/// Returns the nearest existing ancestor of `dir` (itself if it exists).
+fn existing_ancestor(dir: &Path) -> Option<&Path> {
+    dir.ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.exists())
+}
+
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path; access() only reads it.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+/// Checks that the data directory is usable, as a start would find it: a
+/// writable directory, or creatable under a writable one. The message says
+/// what is wrong.
+pub fn check_data_dir(dir: &Path) -> Result<()> {
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(Error::Config(format!(
+            "data dir {shown} exists and is not a directory"
+        ))),
+        Ok(_) if !writable(dir) => Err(Error::Config(format!(
+            "data dir {shown} is not writable by this user"
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(parent) = existing_ancestor(dir) else {
+                return Err(Error::Config(format!("data dir {shown} cannot be created")));
+            };
+            if !parent.is_dir() {
+                return Err(Error::Config(format!(
+                    "cannot create data dir {shown}: {} is not a directory",
+                    parent.display()
+                )));
+            }
+            if !writable(parent) {
+                return Err(Error::Config(format!(
+                    "cannot create data dir {shown}: {} is not writable by this user",
+                    parent.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Error::Config(format!(
+            "cannot access data dir {shown}: permission denied"
+        ))),
+        Err(e) => Err(Error::Config(format!(
+            "cannot access data dir {shown}: {e}"
+        ))),
+    }
+}
+
+/// Checks the data directory and creates it if missing.
+pub fn prepare_data_dir(dir: &Path) -> Result<()> {
+    check_data_dir(dir)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Config(format!("cannot create data dir {}: {e}", dir.display())))
+}
+
+/// Checks that the file system under `dir` can hold a file of `size`
+/// bytes, with an unnamed temporary file that disappears when closed
+/// (nothing is left behind). File systems without `O_TMPFILE` pass.
+fn check_file_size(dir: &Path, name: &str, size: u64) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(at) = existing_ancestor(dir) else {
+        return Ok(());
+    };
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(at)
+    else {
+        return Ok(());
+    };
+    match file.set_len(size) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EFBIG) | Some(libc::EINVAL)) => {
+            Err(Error::Config(format!(
+                "volume {name:?} of {} is larger than the file system under {} allows for one file",
+                ByteSize(size),
+                at.display()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl NodeConfig {
+    /// Checks what a start would check beyond the configuration itself:
+    /// the data directory, and that every declared volume fits in one file
+    /// on its file system. Changes nothing on disk.
+    pub fn check_environment(&self) -> Result<()> {
+        check_data_dir(&self.data_dir)?;
+        for v in &self.volumes {
+            check_file_size(&self.data_dir, &v.name, v.size.0)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,7 +444,7 @@ mod tests {
 
     #[test]
     fn example_config_is_valid() {
-        let text = include_str!("../../deploy/node.example.toml");
+        let text = include_str!("../../../deploy/node.example.toml");
         let c: NodeConfig = toml::from_str(text).unwrap();
         c.validate().unwrap();
         assert_eq!(c.volumes[0].name, "vol0");

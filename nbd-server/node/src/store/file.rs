@@ -30,9 +30,13 @@ use std::time::Duration;
 
 use memmap2::{Mmap, MmapOptions};
 
-use crate::buffer::{IoBuf, MappedSlice};
-use crate::device::{BlockDevice, BlockSizes, DeviceInfo, Extent, IoContext, IoFuture, ZeroFlags};
-use crate::error::{Error, Result};
+use nbdraid_engine::buffer::{IoBuf, MappedSlice};
+use nbdraid_engine::cost::SharedCostModel;
+use nbdraid_engine::device::{
+    BlockDevice, BlockSizes, DeviceInfo, Extent, IoContext, IoFuture, OpKind, ZeroFlags,
+};
+use nbdraid_engine::{Error, Result};
+
 use crate::store::sys::{self, NoWait};
 use nbdraid_proto::consts::allocation;
 
@@ -170,6 +174,7 @@ pub enum IoMode {
 #[derive(Debug, Clone)]
 pub struct FileVolume {
     inner: Arc<Inner>,
+    model: SharedCostModel,
 }
 
 #[derive(Debug)]
@@ -185,8 +190,6 @@ struct Inner {
     block_sizes: BlockSizes,
     /// Read-only mapping of the whole volume, on memory-backed storage only.
     map: Option<RwLock<Arc<Mmap>>>,
-    #[cfg(feature = "fault-injection")]
-    fault: crate::fault::FaultState,
 }
 
 /// Maps `len` bytes of `file` read-only.
@@ -221,6 +224,7 @@ impl FileVolume {
         read_only: bool,
         mode: IoMode,
         block_sizes: BlockSizes,
+        model: SharedCostModel,
     ) -> Self {
         let memory = sys::is_memory_backed(file.as_raw_fd());
         let inline = match mode {
@@ -257,9 +261,8 @@ impl FileVolume {
                 }),
                 block_sizes,
                 map,
-                #[cfg(feature = "fault-injection")]
-                fault: Default::default(),
             }),
+            model,
         }
     }
 
@@ -288,12 +291,6 @@ impl FileVolume {
         }
         inner.size.store(new_size, Ordering::Release);
         Ok(())
-    }
-
-    /// Returns the volume's injected faults (testing builds only).
-    #[cfg(feature = "fault-injection")]
-    pub fn faults(&self) -> &crate::fault::FaultState {
-        &self.inner.fault
     }
 
     /// Reports whether reads and writes run inline (memory-backed storage or
@@ -426,17 +423,6 @@ fn block_status(inner: &Inner, offset: u64, len: u64, max: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// Applies injected faults (testing builds only; nothing otherwise).
-macro_rules! fault {
-    ($inner:expr, $op:ident, $len:expr) => {
-        #[cfg(feature = "fault-injection")]
-        $inner
-            .fault
-            .apply(&$inner.name, crate::fault::FaultOp::$op, $len)
-            .await?;
-    };
-}
-
 impl BlockDevice for FileVolume {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -460,7 +446,6 @@ impl BlockDevice for FileVolume {
     fn read(&self, _ctx: IoContext, offset: u64, mut buf: IoBuf) -> IoFuture<IoBuf> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            fault!(inner, Read, buf.len() as u64);
             let mut done = 0usize;
             if inner.inline {
                 sys::read_at(inner.fd(), &mut buf, offset).map_err(|e| inner.err("read", e))?;
@@ -485,10 +470,6 @@ impl BlockDevice for FileVolume {
     }
 
     fn read_zero_copy(&self, _ctx: IoContext, offset: u64, len: usize) -> Option<MappedSlice> {
-        #[cfg(feature = "fault-injection")]
-        if self.inner.fault.active() {
-            return None;
-        }
         let map = self
             .inner
             .map
@@ -499,13 +480,12 @@ impl BlockDevice for FileVolume {
         MappedSlice::new(map, usize::try_from(offset).ok()?, len)
     }
 
-    fn write(&self, _ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<IoBuf> {
+    fn write(&self, _ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            fault!(inner, Write, buf.len() as u64);
             if inner.inline {
                 sys::write_at(inner.fd(), &buf, offset, fua).map_err(|e| inner.err("write", e))?;
-                return Ok(buf);
+                return Ok(());
             }
             if let Some(place) = &inner.adaptive_writes
                 && !fua
@@ -524,12 +504,12 @@ impl BlockDevice for FileVolume {
                         );
                     }
                     written.map_err(|e| inner.err("write", e))?;
-                    return Ok(buf);
+                    return Ok(());
                 }
             }
             blocking(&inner, "write", move |i| {
                 sys::write_at(i.fd(), &buf, offset, fua).map_err(|e| i.err("write", e))?;
-                Ok(buf)
+                Ok(())
             })
             .await
         })
@@ -538,7 +518,6 @@ impl BlockDevice for FileVolume {
     fn flush(&self, _ctx: IoContext) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            fault!(inner, Flush, 0);
             blocking(&inner, "flush", |i| {
                 sys::datasync(i.fd()).map_err(|e| i.err("flush", e))
             })
@@ -549,7 +528,6 @@ impl BlockDevice for FileVolume {
     fn trim(&self, _ctx: IoContext, offset: u64, len: u64, fua: bool) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            fault!(inner, Write, 0);
             blocking(&inner, "trim", move |i| {
                 match punch(i, offset, len) {
                     Ok(()) => {}
@@ -575,7 +553,6 @@ impl BlockDevice for FileVolume {
     ) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            fault!(inner, Write, 0);
             blocking(&inner, "write zeroes", move |i| {
                 zero_range(i, offset, len, flags)?;
                 if flags.fua {
@@ -590,7 +567,6 @@ impl BlockDevice for FileVolume {
     fn cache(&self, _ctx: IoContext, offset: u64, len: u64) -> IoFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            fault!(inner, Read, 0);
             // Advisory: a failure to prefetch is not an error of the request.
             if let Err(e) = sys::will_need(inner.fd(), offset, len) {
                 tracing::debug!(volume = %inner.name, error = %e, "fadvise WILLNEED failed");
@@ -608,7 +584,6 @@ impl BlockDevice for FileVolume {
     ) -> IoFuture<Vec<Extent>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            fault!(inner, Read, 0);
             if inner.inline {
                 return block_status(&inner, offset, len, max_extents);
             }
@@ -617,6 +592,10 @@ impl BlockDevice for FileVolume {
             })
             .await
         })
+    }
+
+    fn cost(&self, op: OpKind, len: u64) -> u64 {
+        self.model.cost(op, len)
     }
 }
 
@@ -634,7 +613,16 @@ mod tests {
             .open(&path)
             .unwrap();
         f.set_len(size).unwrap();
-        FileVolume::new("v", f, size, false, IoMode::Auto, BlockSizes::default())
+        let model = SharedCostModel::new(nbdraid_engine::cost::CostModel::buffers("node"));
+        FileVolume::new(
+            "v",
+            f,
+            size,
+            false,
+            IoMode::Auto,
+            BlockSizes::default(),
+            model,
+        )
     }
 
     #[tokio::test]

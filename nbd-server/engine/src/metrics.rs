@@ -1,7 +1,15 @@
 //! Metrics: names, per-export handles and the Prometheus endpoint.
 //!
 //! Handles are resolved once per export (label lookups are not free), so
-//! recording a request costs a few atomic operations.
+//! recording a request costs a few atomic operations. Every metric the
+//! serving stack records is described in [`describe`] (the `# HELP` line);
+//! a daemon describes its own with [`describe_counter`] and friends after
+//! [`install_recorder`].
+//!
+//! A deleted export's series are hidden from the endpoint
+//! ([`retire_export`]): the recorder cannot forget a series, so rendering
+//! filters out lines labelled with a retired export. Re-creating an export
+//! of the same name shows its series again.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +133,112 @@ impl OpMetrics {
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+static RETIRED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Hides the series of export `name` from the endpoint (it was deleted).
+pub fn retire_export(name: &str) {
+    let label = format!("export=\"{name}\"");
+    let mut r = RETIRED.lock().unwrap_or_else(|e| e.into_inner());
+    if !r.contains(&label) {
+        r.push(label);
+    }
+}
+
+/// Shows the series of export `name` again (it was created anew).
+pub fn unretire_export(name: &str) {
+    let label = format!("export=\"{name}\"");
+    RETIRED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|l| *l != label);
+}
+
+/// Drops the lines of retired exports from rendered text.
+fn without_retired(text: String) -> String {
+    let retired = RETIRED.lock().unwrap_or_else(|e| e.into_inner());
+    if retired.is_empty() {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if !retired.iter().any(|l| line.contains(l.as_str())) {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+pub use metrics::{describe_counter, describe_gauge, describe_histogram};
+
+/// Describes every metric the serving stack records (the `# HELP` lines).
+pub fn describe() {
+    describe_counter!(
+        "nbdraid_requests_total",
+        "Requests completed, per export and operation."
+    );
+    describe_counter!(
+        "nbdraid_request_errors_total",
+        "Requests answered with an error, per export and operation."
+    );
+    describe_histogram!(
+        "nbdraid_request_latency_seconds",
+        metrics::Unit::Seconds,
+        "Time from a request's admission to its reply, per export and operation."
+    );
+    describe_counter!(
+        "nbdraid_read_bytes_total",
+        metrics::Unit::Bytes,
+        "Bytes read, per export."
+    );
+    describe_counter!(
+        "nbdraid_written_bytes_total",
+        metrics::Unit::Bytes,
+        "Bytes written, per export."
+    );
+    describe_gauge!(
+        "nbdraid_connections",
+        "Connections in the transmission phase, per export."
+    );
+    describe_gauge!(
+        "nbdraid_open_connections",
+        "Open NBD connections (any phase)."
+    );
+    describe_counter!(
+        "nbdraid_export_throttle_waits_total",
+        "Requests of an export that waited for throttle units."
+    );
+    describe_histogram!(
+        "nbdraid_export_throttle_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time requests of an export waited for throttle units."
+    );
+    describe_gauge!(
+        "nbdraid_throttle_available_units",
+        "Throttle units (bytes of buffer memory) not in use, per layer."
+    );
+    describe_gauge!(
+        "nbdraid_throttle_in_flight_units",
+        "Throttle units held by admitted requests, per layer."
+    );
+    describe_gauge!(
+        "nbdraid_throttle_peak_in_flight_units",
+        "Highest number of throttle units ever held at once, per layer."
+    );
+    describe_gauge!(
+        "nbdraid_throttle_share_in_flight_units",
+        "Throttle units held per share (foreground, background, each grant)."
+    );
+    describe_counter!(
+        "nbdraid_throttle_waits_total",
+        "Requests that waited for throttle units, per share."
+    );
+    describe_histogram!(
+        "nbdraid_throttle_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time requests waited for throttle units, per share."
+    );
+}
+
 type RenderHook = Box<dyn Fn() -> bool + Send + Sync>;
 
 static RENDER_HOOKS: Mutex<Vec<RenderHook>> = Mutex::new(Vec::new());
@@ -147,10 +261,11 @@ fn run_render_hooks() {
     lock_hooks().retain(|hook| hook());
 }
 
-/// Runs the render hooks, then renders the Prometheus text.
+/// Runs the render hooks, then renders the Prometheus text (without the
+/// series of retired exports).
 pub fn render(handle: &PrometheusHandle) -> String {
     run_render_hooks();
-    handle.render()
+    without_retired(handle.render())
 }
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
@@ -167,6 +282,7 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            describe();
             Some(handle)
         })
         .clone()
@@ -211,6 +327,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn retired_exports_are_filtered_until_recreated() {
+        let text = "a{export=\"v1\"} 1\na{export=\"v10\"} 2\nb 3\n".to_string();
+        retire_export("v1");
+        assert_eq!(without_retired(text.clone()), "a{export=\"v10\"} 2\nb 3\n");
+        unretire_export("v1");
+        assert_eq!(without_retired(text.clone()), text);
+    }
 
     #[test]
     fn render_hooks_run_until_their_owner_is_gone() {

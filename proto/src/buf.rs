@@ -1,20 +1,24 @@
 //! Request buffers from a bounded pool.
 //!
-//! Every per-request data buffer (a WRITE's payload, a READ's reply data)
-//! is an [`IoBuf`] taken from a [`BufferPool`]. The pool keeps freed
-//! buffers for reuse, keyed by exact size (workloads use a handful of
-//! sizes: 4 KiB, 64 KiB, 1 MiB, 32 MiB), so the hot path neither allocates
-//! nor faults in fresh pages.
+//! Every per-request data buffer (a WRITE's payload, a READ's reply data,
+//! a member read in the RAID layer) is an [`IoBuf`] taken from a
+//! [`BufferPool`]. The pool keeps freed buffers for reuse, keyed by exact
+//! size (workloads use a handful of sizes: 4 KiB, 64 KiB, 1 MiB, 32 MiB),
+//! so the hot path neither allocates nor faults in fresh pages.
 //!
 //! Invariant: the bytes the pool keeps plus the bytes in use never exceed
-//! its limit while the bytes in use stay within it — and the throttle,
+//! its limit while the bytes in use stay within it, and the throttle,
 //! whose capacity is the pool's limit, guarantees they do. A new buffer is
 //! allocated only after kept buffers of other sizes have been freed to
 //! make room. So the process's buffer memory is bounded by the capacity:
-//! freed memory the pool does not keep goes back to the allocator, and
-//! because the daemon pins glibc's mmap threshold at start-up (see
-//! [`pin_malloc_behaviour`]), large buffers are unmapped on free instead of
-//! lingering in an arena.
+//! freed memory the pool does not keep goes back to the allocator (the
+//! daemons pin glibc's mmap threshold at start-up so large buffers are
+//! unmapped on free instead of lingering in an arena).
+//!
+//! The type lives in the wire crate because both sides of a connection use
+//! it: the server engine reads WRITE payloads into it, and the client reads
+//! READ replies straight into the buffer its caller (for example the RAID
+//! layer, serving a READ) will send from.
 
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
@@ -97,6 +101,12 @@ impl BufferPool {
         self.lock().used_bytes
     }
 
+    /// Stops counting `len` bytes handed out (their buffer left the pool's care).
+    fn forget(&self, len: usize) {
+        let mut inner = self.lock();
+        inner.used_bytes -= (len as u64).min(inner.used_bytes);
+    }
+
     fn put(&self, data: Vec<u8>) {
         let len = data.len();
         let mut inner = self.lock();
@@ -165,60 +175,38 @@ impl Drop for IoBuf {
     }
 }
 
-/// A read-only view into a file mapping, kept alive while held: read data
-/// served straight from a memory-backed volume, with no copy in user space.
-#[derive(Debug, Clone)]
-pub struct MappedSlice {
-    map: Arc<memmap2::Mmap>,
-    start: usize,
-    len: usize,
-}
-
-impl MappedSlice {
-    /// Returns the view of `len` bytes at `start`, if the mapping holds them.
-    pub fn new(map: Arc<memmap2::Mmap>, start: usize, len: usize) -> Option<Self> {
-        let end = start.checked_add(len)?;
-        (end <= map.len()).then_some(Self { map, start, len })
-    }
-}
-
-impl Deref for MappedSlice {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
-    }
-}
-
-/// The data of a READ reply: a buffer the device filled, or a view of its memory.
-#[derive(Debug)]
-pub enum ReadData {
-    /// A pooled buffer.
-    Buf(IoBuf),
-    /// A view into a mapping.
-    Mapped(MappedSlice),
-}
-
-impl Deref for ReadData {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            ReadData::Buf(b) => b,
-            ReadData::Mapped(m) => m,
+impl IoBuf {
+    /// Takes the bytes out as a plain vector; the pool stops counting them
+    /// (they are the caller's now).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        let data = std::mem::take(&mut self.data);
+        if let Some(pool) = self.pool.take() {
+            pool.forget(data.len());
         }
+        data
+    }
+
+    /// Reports whether the buffer came from a pool (and returns to it).
+    pub fn is_pooled(&self) -> bool {
+        self.pool.is_some()
     }
 }
 
-/// Pins glibc's allocator behaviour so freed request buffers leave the
-/// process: a fixed mmap threshold (which also turns off glibc's dynamic
-/// raising of it, up to 32 MiB, after large frees) and a small number of
-/// arenas. Call once at daemon start-up, before threads exist.
-pub fn pin_malloc_behaviour() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; it is called before
-    // other threads start, as glibc requires for predictable effect.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 4);
+impl From<Vec<u8>> for IoBuf {
+    fn from(data: Vec<u8>) -> Self {
+        Self::from_vec(data)
+    }
+}
+
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl AsMut<[u8]> for IoBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data
     }
 }
 
@@ -266,5 +254,15 @@ mod tests {
         let pool = BufferPool::new(1024);
         drop(pool.get(4096));
         assert_eq!(pool.kept_bytes(), 0);
+    }
+
+    #[test]
+    fn into_vec_leaves_the_pool() {
+        let pool = BufferPool::new(64 << 10);
+        let b = pool.get(4096);
+        assert_eq!(pool.used_bytes(), 4096);
+        let v = b.into_vec();
+        assert_eq!(v.len(), 4096);
+        assert_eq!((pool.used_bytes(), pool.kept_bytes()), (0, 0));
     }
 }

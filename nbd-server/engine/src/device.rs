@@ -1,14 +1,16 @@
 //! The block-device trait the NBD engine serves.
 //!
-//! The node's file store implements it for volumes; the RAID layer will
-//! implement it for arrays, so both are served by the same engine.
+//! The node's file store implements it for volumes, the RAID layer for
+//! arrays, and [`crate::mem::MemDevice`] for in-process tests, so all are
+//! served by the same engine.
 //!
 //! Conventions:
 //! - Operations return `'static` boxed futures, so the engine can poll one
 //!   once inline and only spawn it when it has to wait (a page-cache hit
 //!   completes on that first poll with no task hand-off).
 //! - Buffers are owned [`IoBuf`]s from the engine's pool: a write hands its
-//!   payload over and gets it back, a read fills the buffer it is given.
+//!   payload over (it returns to the pool when the device drops it), a read
+//!   fills the buffer it is given and hands it back.
 //! - The engine validates ranges, flags and read-only state against
 //!   [`DeviceInfo`] before calling; devices may rely on that.
 //! - [`BlockDevice::cost`] is this layer's cost model in throttle units
@@ -70,6 +72,11 @@ impl OpKind {
     /// Returns the index of this operation in [`OpKind::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// Returns the operation named `name` (as [`OpKind::name`] spells it).
+    pub fn from_name(name: &str) -> Option<OpKind> {
+        OpKind::ALL.into_iter().find(|op| op.name() == name)
     }
 
     /// Reports whether the request carries or returns a data buffer of its length.
@@ -196,8 +203,8 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
 
     /// Writes `buf` at `offset`; with `fua` the data is durable on completion.
-    /// Hands the buffer back for reuse.
-    fn write(&self, ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<IoBuf>;
+    /// The buffer returns to its pool when the device drops it.
+    fn write(&self, ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<()>;
 
     /// Makes every completed write durable.
     fn flush(&self, ctx: IoContext) -> IoFuture<()>;
@@ -223,72 +230,8 @@ pub trait BlockDevice: Send + Sync + 'static {
     ) -> IoFuture<Vec<Extent>>;
 
     /// Returns the units (bytes of buffer memory) a request of this kind and
-    /// length may use in this layer and every layer beneath it; an upper bound.
-    fn cost(&self, op: OpKind, len: u64) -> u64 {
-        default_cost(op, len)
-    }
-}
-
-/// Units every request costs regardless of its data: its bookkeeping and reply.
-pub const BASE_COST: u64 = 512;
-
-/// Units a BLOCK_STATUS reply may use at most (extents are bounded by the engine).
-pub const BLOCK_STATUS_COST: u64 = 8 * 1024 + BASE_COST;
-
-/// Fixed-point scale of `per_byte` in a published cost model (16.16).
-pub const PER_BYTE_ONE: u64 = 1 << 16;
-
-/// One operation's published cost: `base + ceil(per_byte * len / 2^16)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpCostModel {
-    /// The operation.
-    pub op: OpKind,
-    /// Units regardless of length.
-    pub base: u64,
-    /// Units per byte, 16.16 fixed point.
-    pub per_byte: u64,
-}
-
-impl OpCostModel {
-    /// Returns the cost of `len` bytes under this model (rounded up).
-    pub fn cost(&self, len: u64) -> u64 {
-        let scaled = (self.per_byte as u128 * len as u128).div_ceil(PER_BYTE_ONE as u128);
-        self.base + scaled as u64
-    }
-}
-
-/// The published form of [`default_cost`].
-pub fn default_cost_model() -> Vec<OpCostModel> {
-    OpKind::ALL
-        .iter()
-        .map(|&op| OpCostModel {
-            op,
-            base: default_cost(op, 0),
-            per_byte: if op.has_data() { PER_BYTE_ONE } else { 0 },
-        })
-        .collect()
-}
-
-/// The cost model of a layer that holds one buffer of the request's length
-/// for READ and WRITE, and only bookkeeping for everything else.
-pub fn default_cost(op: OpKind, len: u64) -> u64 {
-    match op {
-        OpKind::Read | OpKind::Write => BASE_COST + len,
-        OpKind::BlockStatus => BLOCK_STATUS_COST,
-        _ => BASE_COST,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn published_model_bounds_the_cost() {
-        for m in default_cost_model() {
-            for len in [0, 1, 511, 4096, 65537, 32 << 20] {
-                assert!(m.cost(len) >= default_cost(m.op, len), "{:?} {len}", m.op);
-            }
-        }
-    }
+    /// length may use in this layer and every layer beneath it; an upper
+    /// bound, read from the same [`crate::cost::SharedCostModel`] the layer
+    /// publishes, so the two cannot drift apart.
+    fn cost(&self, op: OpKind, len: u64) -> u64;
 }

@@ -86,6 +86,24 @@ fn db_err(e: impl std::fmt::Display) -> Error {
     Error::Catalog(e.to_string())
 }
 
+/// Explains why the catalog at `path` cannot be opened, in words a user
+/// can act on (sled's own message is a debug dump for I/O errors).
+fn open_error(path: &Path, e: sled::Error) -> Error {
+    let shown = path.display();
+    match e {
+        sled::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::WouldBlock => Error::Catalog(format!(
+                "the catalog {shown} is locked by another process: is another nbdraid-node using this data dir?"
+            )),
+            std::io::ErrorKind::PermissionDenied => Error::Catalog(format!(
+                "cannot open the catalog {shown}: permission denied (check the data dir's owner and mode)"
+            )),
+            _ => Error::Catalog(format!("cannot open the catalog {shown}: {io}")),
+        },
+        other => Error::Catalog(format!("cannot open the catalog {shown}: {other}")),
+    }
+}
+
 impl SledCatalog {
     /// Opens (or creates) the catalog at `path`. Waits up to a few seconds
     /// for the lock of a previous owner that is still exiting.
@@ -104,12 +122,7 @@ impl SledCatalog {
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                Err(e) => {
-                    return Err(Error::Catalog(format!(
-                        "cannot open {}: {e} (is another nbdraid-node using this data dir?)",
-                        path.display()
-                    )));
-                }
+                Err(e) => return Err(open_error(path, e)),
             }
         };
         let volumes = db.open_tree("volumes").map_err(db_err)?;
