@@ -93,6 +93,27 @@ impl Replies {
     }
 }
 
+/// What handling one option led to.
+enum Step<D> {
+    /// Negotiation goes on.
+    Continue,
+    /// The client ends negotiation without entering transmission.
+    End,
+    /// Transmission begins with this export.
+    Enter(Export<D>, DeviceInfo),
+}
+
+/// The state of one connection's option haggling.
+struct Negotiation<'a, D, R> {
+    engine: &'a Engine<D, R>,
+    out: Replies,
+    fixed: bool,
+    no_zeroes: bool,
+    structured: bool,
+    /// The export for which `base:allocation` was selected, if any.
+    meta: Option<String>,
+}
+
 /// Runs the handshake; returns the session, or `None` when the client
 /// ended negotiation without entering transmission.
 pub(super) async fn negotiate<D: BlockDevice, R: ExportRegistry<D>>(
@@ -119,210 +140,241 @@ pub(super) async fn negotiate<D: BlockDevice, R: ExportRegistry<D>>(
     if cflags & !(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES) != 0 {
         return Err(ProtoError::Unsupported("unknown client flags"));
     }
-    let fixed = cflags & client_flags::FIXED_NEWSTYLE != 0;
-    let no_zeroes = cflags & client_flags::NO_ZEROES != 0;
-    let mut structured = false;
-    // (export name, context id) of the selected `base:allocation` context.
-    let mut meta: Option<String> = None;
-
+    let mut n = Negotiation {
+        engine,
+        out,
+        fixed: cflags & client_flags::FIXED_NEWSTYLE != 0,
+        no_zeroes: cflags & client_flags::NO_ZEROES != 0,
+        structured: false,
+        meta: None,
+    };
     loop {
         let msg = tokio::select! {
             m = reader.next() => m,
             _ = engine.shutdown.cancelled() => return Ok(None),
         };
-        let (option, data) = match msg {
+        let step = match msg {
             None => return Ok(None),
             Some(Err(e)) => return Err(e),
             Some(Ok(ClientMessage::Flags(_))) => return Err(ProtoError::Malformed("flags twice")),
-            Some(Ok(ClientMessage::Oversized { option, len })) => {
-                tracing::debug!(option, len, "oversized option");
-                if !fixed {
-                    return Err(ProtoError::TooLarge {
-                        what: "option",
-                        len: len as u64,
-                    });
-                }
-                out.reply(OptionReply::error(
-                    option,
-                    rep::ERR_TOO_BIG,
-                    &format!("option data of {len} bytes is too large"),
-                ))?;
-                out.flush().await?;
-                continue;
-            }
-            Some(Ok(ClientMessage::Option(o))) => (o.option, o.data),
+            Some(Ok(ClientMessage::Oversized { option, len })) => n.oversized(option, len)?,
+            Some(Ok(ClientMessage::Option(o))) => n.option(o.option, &o.data).await?,
         };
+        match step {
+            Step::Continue => n.out.flush().await?,
+            Step::End => return Ok(None),
+            Step::Enter(export, info) => {
+                n.out.flush().await?;
+                return Ok(Some(n.session(reader, export, info)));
+            }
+        }
+    }
+}
+
+impl<D: BlockDevice, R: ExportRegistry<D>> Negotiation<'_, D, R> {
+    /// Answers one option.
+    async fn option(&mut self, option: u32, data: &[u8]) -> Result<Step<D>, ProtoError> {
         tracing::debug!(option, len = data.len(), "option");
-        if !fixed && option != opt::EXPORT_NAME {
+        if !self.fixed && option != opt::EXPORT_NAME {
             return Err(ProtoError::Unsupported(
                 "non-fixed newstyle client sent an option other than EXPORT_NAME",
             ));
         }
-        let shutting_down = engine.shutdown.is_cancelled();
         match option {
-            opt::EXPORT_NAME => {
-                let Ok(name) = nbdraid_proto::options::parse_string(&data) else {
-                    return Err(ProtoError::Malformed("export name"));
-                };
-                if shutting_down {
-                    return Ok(None);
-                }
-                let Some(export) = engine.registry.lookup(&name) else {
-                    tracing::info!(export = %name, "unknown export requested with EXPORT_NAME");
-                    return Ok(None);
-                };
-                let info = export.device.info();
-                out.push(ServerMessage::ExportName {
-                    size: info.size,
-                    flags: transmission_flags(&info, structured),
-                    zeroes: !no_zeroes,
-                })?;
-                out.flush().await?;
-                return Ok(Some(session(
-                    reader, out.wr, export, info, structured, &meta,
-                )));
-            }
+            opt::EXPORT_NAME => self.export_name(data),
             opt::ABORT => {
-                out.reply(OptionReply::ack(option))?;
+                self.out.reply(OptionReply::ack(option))?;
                 // The client may already have closed; that is its right.
-                let _ = out.flush().await;
-                return Ok(None);
+                let _ = self.out.flush().await;
+                Ok(Step::End)
             }
-            opt::LIST => {
-                if !data.is_empty() {
-                    out.reply(OptionReply::error(
-                        option,
-                        rep::ERR_INVALID,
-                        "LIST takes no data",
-                    ))?;
-                } else if shutting_down {
-                    out.reply(OptionReply::error(
-                        option,
-                        rep::ERR_SHUTDOWN,
-                        "server is shutting down",
-                    ))?;
-                } else {
-                    for (name, desc) in engine.registry.list() {
-                        out.reply(OptionReply::server(&name, &desc))?;
-                    }
-                    out.reply(OptionReply::ack(option))?;
-                }
-            }
+            opt::LIST => self.list(data),
             opt::STARTTLS => {
                 let (t, m) = if data.is_empty() {
                     (rep::ERR_UNSUP, "TLS is not supported by this server")
                 } else {
                     (rep::ERR_INVALID, "STARTTLS takes no data")
                 };
-                out.reply(OptionReply::error(option, t, m))?;
+                self.reply_error(option, t, m)
             }
             opt::STRUCTURED_REPLY => {
-                if data.is_empty() {
-                    structured = true;
-                    out.reply(OptionReply::ack(option))?;
-                } else {
-                    out.reply(OptionReply::error(
+                if !data.is_empty() {
+                    return self.reply_error(
                         option,
                         rep::ERR_INVALID,
                         "STRUCTURED_REPLY takes no data",
-                    ))?;
+                    );
                 }
+                self.structured = true;
+                self.out.reply(OptionReply::ack(option))?;
+                Ok(Step::Continue)
             }
-            opt::INFO | opt::GO => {
-                let req = match InfoRequest::parse(&data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        out.reply(OptionReply::error(option, rep::ERR_INVALID, &e.to_string()))?;
-                        out.flush().await?;
-                        continue;
-                    }
-                };
-                if shutting_down {
-                    out.reply(OptionReply::error(
+            opt::INFO | opt::GO => self.info_or_go(option, data),
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta_context(option, data),
+            other => self.reply_error(
+                other,
+                rep::ERR_UNSUP,
+                &format!("option {other} is not supported"),
+            ),
+        }
+    }
+
+    fn reply_error(&mut self, option: u32, code: u32, msg: &str) -> Result<Step<D>, ProtoError> {
+        self.out.reply(OptionReply::error(option, code, msg))?;
+        Ok(Step::Continue)
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.engine.shutdown.is_cancelled()
+    }
+
+    /// An option whose data exceeded the bound: skipped as it arrived.
+    fn oversized(&mut self, option: u32, len: u32) -> Result<Step<D>, ProtoError> {
+        tracing::debug!(option, len, "oversized option");
+        if !self.fixed {
+            return Err(ProtoError::TooLarge {
+                what: "option",
+                len: len as u64,
+            });
+        }
+        self.reply_error(
+            option,
+            rep::ERR_TOO_BIG,
+            &format!("option data of {len} bytes is too large"),
+        )
+    }
+
+    /// NBD_OPT_EXPORT_NAME: no error reply exists, so an unknown export
+    /// (or a server shutting down) ends the connection.
+    fn export_name(&mut self, data: &[u8]) -> Result<Step<D>, ProtoError> {
+        let Ok(name) = nbdraid_proto::options::parse_string(data) else {
+            return Err(ProtoError::Malformed("export name"));
+        };
+        if self.shutting_down() {
+            return Ok(Step::End);
+        }
+        let Some(export) = self.engine.registry.lookup(&name) else {
+            tracing::info!(export = %name, "unknown export requested with EXPORT_NAME");
+            return Ok(Step::End);
+        };
+        let info = export.device.info();
+        self.out.push(ServerMessage::ExportName {
+            size: info.size,
+            flags: transmission_flags(&info, self.structured),
+            zeroes: !self.no_zeroes,
+        })?;
+        Ok(Step::Enter(export, info))
+    }
+
+    fn list(&mut self, data: &[u8]) -> Result<Step<D>, ProtoError> {
+        if !data.is_empty() {
+            return self.reply_error(opt::LIST, rep::ERR_INVALID, "LIST takes no data");
+        }
+        if self.shutting_down() {
+            return self.reply_error(opt::LIST, rep::ERR_SHUTDOWN, "server is shutting down");
+        }
+        for (name, desc) in self.engine.registry.list() {
+            self.out.reply(OptionReply::server(&name, &desc))?;
+        }
+        self.out.reply(OptionReply::ack(opt::LIST))?;
+        Ok(Step::Continue)
+    }
+
+    /// NBD_OPT_INFO and NBD_OPT_GO: the same information, and GO enters
+    /// transmission after its ACK.
+    fn info_or_go(&mut self, option: u32, data: &[u8]) -> Result<Step<D>, ProtoError> {
+        let req = match InfoRequest::parse(data) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(option, rep::ERR_INVALID, &e.to_string()),
+        };
+        if self.shutting_down() {
+            return self.reply_error(option, rep::ERR_SHUTDOWN, "server is shutting down");
+        }
+        let Some(export) = self.engine.registry.lookup(&req.name) else {
+            return self.reply_error(
+                option,
+                rep::ERR_UNKNOWN,
+                &format!("no export named {:?}", req.name),
+            );
+        };
+        let info = export.device.info();
+        let flags = transmission_flags(&info, self.structured);
+        let out = &mut self.out;
+        out.reply(OptionReply::info(
+            option,
+            &InfoItem::Export {
+                size: info.size,
+                flags,
+            },
+        ))?;
+        if req.requests.contains(&info::NAME) {
+            out.reply(OptionReply::info(
+                option,
+                &InfoItem::Name(export.name.clone()),
+            ))?;
+        }
+        if req.requests.contains(&info::DESCRIPTION) {
+            out.reply(OptionReply::info(
+                option,
+                &InfoItem::Description(info.description.clone()),
+            ))?;
+        }
+        // Sent whether asked or not (allowed), so clients that care learn the limits.
+        let bs = info.block_sizes;
+        out.reply(OptionReply::info(
+            option,
+            &InfoItem::BlockSize {
+                min: bs.min,
+                preferred: bs.preferred,
+                max: bs.max,
+            },
+        ))?;
+        out.reply(OptionReply::ack(option))?;
+        if option == opt::GO {
+            return Ok(Step::Enter(export, info));
+        }
+        Ok(Step::Continue)
+    }
+
+    fn meta_context(&mut self, option: u32, data: &[u8]) -> Result<Step<D>, ProtoError> {
+        let set = option == opt::SET_META_CONTEXT;
+        match meta_context(self.engine, option, data, self.structured) {
+            Err(r) => self.out.reply(r)?,
+            Ok((export, selected)) => {
+                if selected {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    self.out.reply(OptionReply::meta_context(
                         option,
-                        rep::ERR_SHUTDOWN,
-                        "server is shutting down",
-                    ))?;
-                    out.flush().await?;
-                    continue;
-                }
-                let Some(export) = engine.registry.lookup(&req.name) else {
-                    out.reply(OptionReply::error(
-                        option,
-                        rep::ERR_UNKNOWN,
-                        &format!("no export named {:?}", req.name),
-                    ))?;
-                    out.flush().await?;
-                    continue;
-                };
-                let info = export.device.info();
-                let flags = transmission_flags(&info, structured);
-                out.reply(OptionReply::info(
-                    option,
-                    &InfoItem::Export {
-                        size: info.size,
-                        flags,
-                    },
-                ))?;
-                if req.requests.contains(&info::NAME) {
-                    out.reply(OptionReply::info(
-                        option,
-                        &InfoItem::Name(export.name.clone()),
+                        id,
+                        consts::BASE_ALLOCATION,
                     ))?;
                 }
-                if req.requests.contains(&info::DESCRIPTION) {
-                    out.reply(OptionReply::info(
-                        option,
-                        &InfoItem::Description(info.description.clone()),
-                    ))?;
+                if set {
+                    self.meta = selected.then_some(export);
                 }
-                // Sent whether asked or not (allowed), so clients that care learn the limits.
-                let bs = info.block_sizes;
-                out.reply(OptionReply::info(
-                    option,
-                    &InfoItem::BlockSize {
-                        min: bs.min,
-                        preferred: bs.preferred,
-                        max: bs.max,
-                    },
-                ))?;
-                out.reply(OptionReply::ack(option))?;
-                if option == opt::GO {
-                    out.flush().await?;
-                    return Ok(Some(session(
-                        reader, out.wr, export, info, structured, &meta,
-                    )));
-                }
-            }
-            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                let set = option == opt::SET_META_CONTEXT;
-                match meta_context(engine, option, &data, structured) {
-                    Err(r) => out.reply(r)?,
-                    Ok((export, selected)) => {
-                        if selected {
-                            let id = if set { BASE_ALLOCATION_ID } else { 0 };
-                            out.reply(OptionReply::meta_context(
-                                option,
-                                id,
-                                consts::BASE_ALLOCATION,
-                            ))?;
-                        }
-                        if set {
-                            meta = selected.then_some(export);
-                        }
-                        out.reply(OptionReply::ack(option))?;
-                    }
-                }
-            }
-            other => {
-                out.reply(OptionReply::error(
-                    other,
-                    rep::ERR_UNSUP,
-                    &format!("option {other} is not supported"),
-                ))?;
+                self.out.reply(OptionReply::ack(option))?;
             }
         }
-        out.flush().await?;
+        Ok(Step::Continue)
+    }
+
+    /// Builds the transmission session for `export`.
+    fn session(
+        self,
+        reader: FramedRead<OwnedReadHalf, ServerHandshakeCodec>,
+        export: Export<D>,
+        info: DeviceInfo,
+    ) -> Session<D> {
+        // `base:allocation` counts only if it was selected for this very export.
+        let selected = self.structured && self.meta.as_deref() == Some(export.name.as_str());
+        Session {
+            meta_context: selected.then_some(BASE_ALLOCATION_ID),
+            export,
+            info,
+            structured: self.structured,
+            reader: reader.map_decoder(|_| ServerTransmissionCodec),
+            writer: self.out.wr,
+        }
     }
 }
 
@@ -367,24 +419,4 @@ fn meta_context<D: BlockDevice, R: ExportRegistry<D>>(
             .any(|q| q == consts::BASE_ALLOCATION || (!set && q == "base:"))
     };
     Ok((export.name, selected))
-}
-
-fn session<D>(
-    reader: FramedRead<OwnedReadHalf, ServerHandshakeCodec>,
-    writer: OwnedWriteHalf,
-    export: Export<D>,
-    info: DeviceInfo,
-    structured: bool,
-    meta: &Option<String>,
-) -> Session<D> {
-    // `base:allocation` counts only if it was selected for this very export.
-    let selected = structured && meta.as_deref() == Some(export.name.as_str());
-    Session {
-        meta_context: selected.then_some(BASE_ALLOCATION_ID),
-        export,
-        info,
-        structured,
-        reader: reader.map_decoder(|_| ServerTransmissionCodec),
-        writer,
-    }
 }

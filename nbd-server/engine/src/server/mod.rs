@@ -58,6 +58,97 @@ pub trait ExportRegistry<D>: Send + Sync + 'static {
     fn list(&self) -> Vec<(String, String)>;
 }
 
+/// A registry of exports kept in memory, for daemons whose exports are not
+/// files in a catalog (arrays) and for tests.
+pub struct Exports<D> {
+    map: std::sync::RwLock<std::collections::BTreeMap<String, Export<D>>>,
+    default: std::sync::RwLock<Option<String>>,
+}
+
+impl<D> Default for Exports<D> {
+    fn default() -> Self {
+        Self {
+            map: Default::default(),
+            default: Default::default(),
+        }
+    }
+}
+
+impl<D: BlockDevice> Exports<D> {
+    /// Returns an empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Adds (or replaces) the export `name` serving `device`, with fresh metrics.
+    pub fn insert(&self, name: &str, device: Arc<D>) -> Export<D> {
+        crate::metrics::unretire_export(name);
+        let export = Export {
+            name: name.to_string(),
+            device,
+            metrics: OpMetrics::new(name),
+        };
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), export.clone());
+        export
+    }
+
+    /// Removes the export `name` (open connections keep their device) and
+    /// hides its metrics.
+    pub fn remove(&self, name: &str) -> Option<Export<D>> {
+        let gone = self
+            .map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if gone.is_some() {
+            crate::metrics::retire_export(name);
+        }
+        gone
+    }
+
+    /// Serves `name` to clients that ask for the default export "".
+    pub fn set_default(&self, name: Option<String>) {
+        *self.default.write().unwrap_or_else(|e| e.into_inner()) = name;
+    }
+
+    /// Returns every export.
+    pub fn all(&self) -> Vec<Export<D>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+impl<D: BlockDevice> ExportRegistry<D> for Exports<D> {
+    fn lookup(&self, name: &str) -> Option<Export<D>> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        if name.is_empty() {
+            let default = self.default.read().unwrap_or_else(|e| e.into_inner());
+            return match default.as_deref() {
+                Some(d) => map.get(d).cloned(),
+                None if map.len() == 1 => map.values().next().cloned(),
+                None => None,
+            };
+        }
+        map.get(name).cloned()
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| (e.name.clone(), e.device.info().description))
+            .collect()
+    }
+}
+
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
