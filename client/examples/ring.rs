@@ -62,7 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         while next < blocks && (next - done) < DEPTH as u64 {
             let req = Request::Read {
                 offset: next * BLOCK as u64,
-                buf: vec![0; BLOCK],
+                buf: vec![0; BLOCK].into(),
             };
             if let Indirect::Done(e) = ring.indirect(&client, req, next).map_err(|r| r.error)? {
                 e.status?;

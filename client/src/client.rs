@@ -7,6 +7,11 @@
 //! never looks like a failing server. READ and WRITE larger than the
 //! server's maximum payload, and TRIM / WRITE_ZEROES larger than 1 GiB,
 //! are split into pieces; the caller sees one completion.
+//!
+//! Data is never copied on the common paths: a READ's reply lands in the
+//! caller's [`IoBuf`] (only a READ split into pieces copies each piece
+//! into place), and a WRITE's payload goes to the socket from the
+//! caller's [`Bytes`], which several writes (to several members) may share.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -16,6 +21,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
+use nbdraid_proto::buf::IoBuf;
 use nbdraid_proto::consts::{cmd, cmd_flags, transmission_flags as tf};
 
 use crate::conn::{Conn, ConnState, Piece, Timeouts};
@@ -56,16 +62,57 @@ impl Default for ClientConfig {
 }
 
 /// A request, as submitted to [`Client::submit`] or a completion ring.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone`: a READ owns its destination buffer, which no other request
+/// may fill at the same time.
+#[derive(Debug)]
 pub enum Request {
     /// Read `buf.len()` bytes at `offset` into `buf` (handed back when done).
+    ///
+    /// The reply is read straight into `buf`: give it the buffer the data
+    /// will be used (or sent on) from, for example an [`IoBuf`] taken from
+    /// the [`BufferPool`](nbdraid_proto::buf::BufferPool) of an engine that
+    /// will send it to its own client. A plain vector converts with
+    /// `vec.into()`. Only a read larger than the server's maximum payload,
+    /// split into pieces, copies each piece into place.
     Read {
         /// Byte offset.
         offset: u64,
         /// Destination; its length is the read's length.
-        buf: Vec<u8>,
+        buf: IoBuf,
     },
     /// Write `data` at `offset`.
+    ///
+    /// The payload goes to the socket from `data` itself (header and
+    /// payload in one vectored write), never copied. [`Bytes`] clones and
+    /// slices share one allocation, so one buffer can be written to
+    /// several members without a copy: wrap a pooled [`IoBuf`] with
+    /// [`Bytes::from_owner`], and give each member's write a `.clone()` (or
+    /// a `.slice(..)` of its part). Each write holds its share until it
+    /// completes, so the buffer stays out of its pool while any member may
+    /// still be sending it, and returns to the pool when the last share is
+    /// dropped: as the last write completes (or a moment later, when that
+    /// connection's writer lets go of the batch the write went out in).
+    ///
+    /// ```no_run
+    /// # async fn demo(members: &[nbdraid_client::Client]) -> nbdraid_client::Result<()> {
+    /// use bytes::Bytes;
+    /// use nbdraid_proto::buf::BufferPool;
+    /// let pool = BufferPool::new(64 << 20);
+    /// let mut buf = pool.get(4096);
+    /// buf.fill(0xAB);
+    /// let data = Bytes::from_owner(buf);
+    /// let writes: Vec<_> = members
+    ///     .iter()
+    ///     .map(|m| m.write(0, data.clone(), false))
+    ///     .collect();
+    /// drop(data); // the writes hold the only shares now
+    /// for r in futures::future::join_all(writes).await {
+    ///     r?;
+    /// }
+    /// // All done: the buffer is back in `pool` for the next request.
+    /// # Ok(()) }
+    /// ```
     Write {
         /// Byte offset.
         offset: u64,
@@ -143,7 +190,7 @@ impl Request {
     }
 
     /// The caller's read buffer, if this is a READ.
-    fn into_buffer(self) -> Option<Vec<u8>> {
+    fn into_buffer(self) -> Option<IoBuf> {
         match self {
             Request::Read { buf, .. } => Some(buf),
             _ => None,
@@ -486,7 +533,7 @@ impl Client {
             let buf = if !is_read {
                 None
             } else if split {
-                Some(vec![0u8; n as usize])
+                Some(IoBuf::zeroed(n as usize))
             } else {
                 whole_buf.take()
             };
@@ -501,19 +548,18 @@ impl Client {
                 len: n as u32,
                 buf_off: split.then_some(start as usize),
                 buf,
+                payload: data
+                    .as_ref()
+                    .map(|d| d.slice(start as usize..(start + n) as usize)),
                 born: 0,
                 extents: Vec::new(),
                 error: None,
                 received: 0,
             };
-            let payload = data
-                .as_ref()
-                .map(|d| d.slice(start as usize..(start + n) as usize));
             let conn = self.pick(active);
-            if let Err(refused) = conn.submit(piece, flags, payload) {
+            if let Err(refused) = conn.submit(piece, flags) {
                 let (p, e) = *refused;
-                p.op.clone()
-                    .piece_done(Err(e), p.buf, p.buf_off, Vec::new());
+                p.finish(Err(e));
             }
         }
         Started::Pending
@@ -542,19 +588,26 @@ impl Client {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` into `buf`.
-    pub async fn read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+    /// Reads `buf.len()` bytes at `offset` straight into `buf` (an
+    /// [`IoBuf`], or a `Vec<u8>` converted into one) and returns it, filled.
+    /// See [`Request::Read`].
+    pub async fn read(&self, offset: u64, buf: impl Into<IoBuf>) -> Result<IoBuf> {
+        let buf = buf.into();
         let d = self.submit(Request::Read { offset, buf }).await;
         d.result?;
         d.buffer.ok_or(ClientError::Closed)
     }
 
-    /// Reads `len` bytes at `offset` into a new buffer.
+    /// Reads `len` bytes at `offset` into a new vector.
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.read(offset, vec![0u8; len]).await
+        let buf = self.read(offset, IoBuf::zeroed(len)).await?;
+        Ok(buf.into_vec())
     }
 
     /// Writes `data` at `offset`; with `fua` it is durable on return.
+    ///
+    /// `data` is sent as it is, never copied; to write one pooled buffer
+    /// to several members, share it as [`Bytes`] (see [`Request::Write`]).
     pub async fn write(&self, offset: u64, data: impl Into<Bytes>, fua: bool) -> Result<()> {
         self.submit(Request::Write {
             offset,

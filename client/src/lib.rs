@@ -20,7 +20,7 @@
 //! use nbdraid_client::{Client, ClientConfig, CompletionRing, Indirect, Request};
 //! let client = Client::connect_uri("nbd://127.0.0.1:10809/vol0", ClientConfig::default()).await?;
 //! let ring = CompletionRing::new(64)?;
-//! let req = Request::Read { offset: 0, buf: vec![0; 4096] };
+//! let req = Request::Read { offset: 0, buf: vec![0; 4096].into() };
 //! match ring.indirect(&client, req, 7).map_err(|r| r.error)? {
 //!     Indirect::Done(entry) => println!("finished at once: {:?}", entry.status),
 //!     Indirect::Pending => {
@@ -46,3 +46,7 @@ pub use error::{ClientError, Result};
 pub use handshake::{ExportInfo, HandshakeOptions};
 pub use op::{Done, Extent};
 pub use ring::{CompletionRing, Indirect, Refused, RingEntry, Status};
+
+/// The buffer type of READ requests (from `nbdraid_proto::buf`), so plain
+/// callers need not name the wire crate.
+pub use nbdraid_proto::buf::IoBuf;

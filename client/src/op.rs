@@ -3,17 +3,26 @@
 //! An [`Op`] is what the caller submitted; it travels on the wire as one or
 //! more pieces (a READ or WRITE larger than the server's maximum payload is
 //! split). When the last piece completes, the op's [`Completer`] delivers
-//! one [`Done`]: to an `async fn` caller through a oneshot channel, or into
-//! a completion ring.
+//! one [`Done`]: to an `async fn` caller through a oneshot channel, or to a
+//! [`CompletionSink`] (a completion ring).
+//!
+//! This module knows nothing of the ring or the client: the ring plugs in
+//! through [`CompletionSink`], so dependencies run one way (the ring uses
+//! the client, the client its connections, and all of them this module).
+//!
+//! A READ's buffer is the caller's [`IoBuf`] throughout: an unsplit read
+//! travels in its one piece and the connection reads the reply straight
+//! into it; a split read's buffer waits here while each piece reads into a
+//! buffer of its own, copied into place as the piece completes.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use nbdraid_proto::buf::IoBuf;
 use tokio::sync::oneshot;
 
 use crate::error::ClientError;
-use crate::ring::RingShared;
 
 /// One extent of a block status answer (for `base:allocation`: HOLE=1, ZERO=2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +41,9 @@ pub struct Done {
     /// Success, or the first error of any of its pieces.
     pub result: Result<(), ClientError>,
     /// For READ: the caller's buffer, filled on success (handed back on
-    /// failure too, whenever the engine still holds it).
-    pub buffer: Option<Vec<u8>>,
+    /// failure too, whenever the engine still holds it). It is the very
+    /// buffer the request carried, so a pooled one still returns to its pool.
+    pub buffer: Option<IoBuf>,
     /// For BLOCK_STATUS: the extents, in order from the request's offset.
     pub extents: Vec<Extent>,
 }
@@ -49,22 +59,33 @@ impl Done {
     }
 }
 
+/// Takes the completions of operations submitted with a caller's value
+/// attached (a completion ring implements it).
+///
+/// `complete` runs on a connection's task (or the submitter's, when a
+/// piece is refused): it must be short and must not block.
+pub(crate) trait CompletionSink: Send + Sync {
+    /// Delivers the completion of the operation submitted with `caller_data`.
+    fn complete(&self, caller_data: u64, done: Done);
+}
+
 /// Where an operation's completion goes.
 pub(crate) enum Completer {
     /// An `async fn` caller waiting on a oneshot.
     Async(oneshot::Sender<Done>),
-    /// A completion ring, with the caller's data.
-    Ring(Arc<RingShared>, u64),
+    /// A sink (a completion ring), with the caller's data.
+    Sink(Arc<dyn CompletionSink>, u64),
 }
 
 impl Completer {
+    /// Delivers `done` to wherever this completer points.
     pub(crate) fn complete(self, done: Done) {
         match self {
             Completer::Async(tx) => {
                 // The caller may have stopped waiting; nothing to do then.
                 let _ = tx.send(done);
             }
-            Completer::Ring(ring, caller_data) => ring.push(caller_data, done),
+            Completer::Sink(sink, caller_data) => sink.complete(caller_data, done),
         }
     }
 }
@@ -77,14 +98,14 @@ pub(crate) struct Op {
 
 struct OpState {
     /// The caller's buffer for a split READ (pieces copy into it).
-    buffer: Option<Vec<u8>>,
+    buffer: Option<IoBuf>,
     extents: Vec<Extent>,
     error: Option<ClientError>,
     completer: Option<Completer>,
 }
 
 impl Op {
-    pub(crate) fn new(pieces: usize, buffer: Option<Vec<u8>>, completer: Completer) -> Arc<Self> {
+    pub(crate) fn new(pieces: usize, buffer: Option<IoBuf>, completer: Completer) -> Arc<Self> {
         Arc::new(Self {
             pieces_left: AtomicUsize::new(pieces),
             state: Mutex::new(OpState {
@@ -106,7 +127,7 @@ impl Op {
     pub(crate) fn piece_done(
         &self,
         result: Result<(), ClientError>,
-        data: Option<Vec<u8>>,
+        data: Option<IoBuf>,
         buf_off: Option<usize>,
         extents: Vec<Extent>,
     ) {

@@ -22,18 +22,24 @@
 //!   waits for one), unless it finishes at once: such an entry never
 //!   enters the ring, so it needs no slot.
 //!
-//! Read buffers are the caller's: handed in with the request and handed
-//! back in the entry, filled in place by the engine.
+//! Read buffers are the caller's [`IoBuf`]s: handed in with the request
+//! and handed back in the entry, filled in place by the engine.
+//!
+//! The ring's shared state takes completions through the engine's
+//! completion-sink trait (in `op.rs`): only [`CompletionRing`]'s
+//! submission methods know the [`Client`], and the engine never names the
+//! ring, so the modules do not import each other in a cycle.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use nbdraid_proto::buf::IoBuf;
 use tokio::sync::Notify;
 
 use crate::client::{Client, Request, Started};
 use crate::error::ClientError;
-use crate::op::{Completer, Done, Extent};
+use crate::op::{Completer, CompletionSink, Done, Extent};
 
 /// The final status of an operation: success, or why it failed.
 pub type Status = Result<(), ClientError>;
@@ -46,7 +52,7 @@ pub struct RingEntry {
     /// The value the caller attached at submission.
     pub caller_data: u64,
     /// For READ: the caller's buffer, filled.
-    pub buffer: Option<Vec<u8>>,
+    pub buffer: Option<IoBuf>,
     /// For BLOCK_STATUS: the extents.
     pub extents: Vec<Extent>,
 }
@@ -83,7 +89,7 @@ pub struct Refused {
 /// Called with `(caller_data, &status)` each time an entry lands in the ring.
 pub type NotifyFn = Box<dyn Fn(u64, &Status) + Send + Sync>;
 
-pub(crate) struct RingShared {
+struct RingShared {
     mask: u64,
     elements: usize,
     slots: Mutex<Vec<Option<RingEntry>>>,
@@ -101,9 +107,15 @@ pub(crate) struct RingShared {
     notify_fn: Option<NotifyFn>,
 }
 
+impl CompletionSink for RingShared {
+    fn complete(&self, caller_data: u64, done: Done) {
+        self.push(caller_data, done);
+    }
+}
+
 impl RingShared {
     /// Stores a completion at `kernel_head` and wakes waiters.
-    pub(crate) fn push(&self, caller_data: u64, done: Done) {
+    fn push(&self, caller_data: u64, done: Done) {
         let entry = RingEntry::new(caller_data, done);
         let status_for_notify = self.notify_fn.as_ref().map(|_| entry.status.clone());
         {
@@ -274,7 +286,8 @@ impl CompletionRing {
     }
 
     fn start(&self, client: &Client, request: Request, caller_data: u64) -> Indirect {
-        match client.start(request, Completer::Ring(self.shared.clone(), caller_data)) {
+        let sink: Arc<dyn CompletionSink> = self.shared.clone();
+        match client.start(request, Completer::Sink(sink, caller_data)) {
             Started::Pending => Indirect::Pending,
             Started::Done(done) => {
                 self.shared.release();

@@ -46,7 +46,7 @@ async fn stalled_server_times_out(config: ClientConfig, expected: Duration) {
     let reads = (0..5u64).map(|i| {
         client.submit(Request::Read {
             offset: i * 4096,
-            buf: vec![0; 4096],
+            buf: vec![0; 4096].into(),
         })
     });
     let writes = (0..5u64).map(|i| {
@@ -125,7 +125,7 @@ async fn deadlines_reach_ring_entries() {
                 &client,
                 Request::Read {
                     offset: 0,
-                    buf: vec![0; 512]
+                    buf: vec![0; 512].into()
                 },
                 i
             ),
@@ -258,7 +258,7 @@ async fn server_hangs_up_with_requests_in_flight_then_reconnect() {
         } else {
             Request::Read {
                 offset: i * 4096,
-                buf: vec![0; 4096],
+                buf: vec![0; 4096].into(),
             }
         };
         assert!(matches!(
@@ -341,7 +341,7 @@ async fn reconnect_completes_requests_on_the_old_connection() {
                 &client,
                 Request::Read {
                     offset: 0,
-                    buf: vec![0; 512]
+                    buf: vec![0; 512].into()
                 },
                 i
             ),
@@ -389,7 +389,7 @@ async fn dropping_the_client_completes_everything() {
                 &client,
                 Request::Read {
                     offset: 0,
-                    buf: vec![0; 512]
+                    buf: vec![0; 512].into()
                 },
                 i
             ),
@@ -493,7 +493,7 @@ async fn submissions_racing_a_failure_always_complete() {
                 for k in 0.. {
                     let req = Request::Read {
                         offset: (k % 64) * 512,
-                        buf: vec![0; 512],
+                        buf: vec![0; 512].into(),
                     };
                     match ring.indirect(&client, req, t << 32 | k) {
                         Ok(Indirect::Pending) => {

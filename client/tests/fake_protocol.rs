@@ -86,7 +86,7 @@ async fn out_of_order_ring(structured: bool) {
         let req = if i % 2 == 0 {
             Request::Read {
                 offset: i * BLOCK as u64,
-                buf: vec![0xEE; BLOCK],
+                buf: vec![0xEE; BLOCK].into(),
             }
         } else {
             let data = Bytes::from(random_bytes(1000 + i, BLOCK));
@@ -335,21 +335,21 @@ async fn caller_mistakes_fail_locally_and_send_nothing() {
             "read past the end",
             Request::Read {
                 offset: size - 512,
-                buf: vec![0; 1024],
+                buf: vec![0; 1024].into(),
             },
         ),
         (
             "read at the end",
             Request::Read {
                 offset: size,
-                buf: vec![0; 512],
+                buf: vec![0; 512].into(),
             },
         ),
         (
             "read overflowing u64",
             Request::Read {
                 offset: u64::MAX - 511,
-                buf: vec![0; 1024],
+                buf: vec![0; 1024].into(),
             },
         ),
         (
@@ -399,7 +399,7 @@ async fn caller_mistakes_fail_locally_and_send_nothing() {
             "unaligned offset",
             Request::Read {
                 offset: 100,
-                buf: vec![0; 512],
+                buf: vec![0; 512].into(),
             },
         ),
         (

@@ -291,7 +291,7 @@ async fn many_in_flight(kind: Kind) {
     for i in 0..N {
         let req = Request::Read {
             offset: i * BLOCK as u64,
-            buf: vec![0; BLOCK],
+            buf: vec![0; BLOCK].into(),
         };
         assert!(matches!(
             ring.indirect(&client, req, i),
@@ -378,7 +378,7 @@ async fn killed_mid_stream(kind: Kind) {
             let req = if i % 4 == 3 {
                 Request::Read {
                     offset: (i - 128) * BLOCK as u64,
-                    buf: vec![0; BLOCK],
+                    buf: vec![0; BLOCK].into(),
                 }
             } else {
                 let data = Bytes::from(random_bytes(i, BLOCK));

@@ -42,7 +42,7 @@ async fn disk(blocks: usize) -> (FakeServer, Arc<Mutex<Vec<u8>>>, Arc<Client>) {
 fn read_block(i: u64) -> Request {
     Request::Read {
         offset: i * BLOCK as u64,
-        buf: vec![0; BLOCK],
+        buf: vec![0; BLOCK].into(),
     }
 }
 
@@ -266,7 +266,7 @@ fn immediate_cases(size: u64) -> Vec<(Request, bool)> {
         (
             Request::Read {
                 offset: 0,
-                buf: Vec::new(),
+                buf: Vec::new().into(),
             },
             true,
         ),
@@ -283,7 +283,7 @@ fn immediate_cases(size: u64) -> Vec<(Request, bool)> {
         (
             Request::Read {
                 offset: size,
-                buf: vec![0; 1],
+                buf: vec![0; 1].into(),
             },
             false,
         ),
@@ -298,7 +298,7 @@ fn immediate_cases(size: u64) -> Vec<(Request, bool)> {
         (
             Request::Read {
                 offset: u64::MAX,
-                buf: vec![0; 2],
+                buf: vec![0; 2].into(),
             },
             false,
         ),
@@ -395,7 +395,7 @@ async fn notification_runs_once_per_completion() {
         let req = if i % 10 == 9 {
             Request::Read {
                 offset: size,
-                buf: vec![0; 1],
+                buf: vec![0; 1].into(),
             }
         } else {
             read_block(i % 32)

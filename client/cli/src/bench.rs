@@ -470,7 +470,10 @@ impl Bench {
             }
         } else {
             let buf = s.rbuf.take().unwrap_or_else(|| vec![0u8; bs]);
-            Request::Read { offset, buf }
+            Request::Read {
+                offset,
+                buf: buf.into(),
+            }
         };
         s.op = Some(InFlight {
             write,
@@ -560,7 +563,7 @@ impl Bench {
                 }
             }
         }
-        self.slots[slot].rbuf = Some(buf);
+        self.slots[slot].rbuf = Some(buf.into_vec());
         Ok(slot)
     }
 

@@ -161,6 +161,7 @@ impl Endpoint {
             Endpoint::Nbd { client, .. } => client
                 .read(offset, buf)
                 .await
+                .map(|b| b.into_vec())
                 .map_err(|e| nbd::op_error(e, "read", offset, len)),
             Endpoint::File { file, path, .. } => {
                 let f = file.clone();
