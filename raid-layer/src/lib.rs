@@ -4,3 +4,13 @@
 //!
 //! Not built yet: this crate holds its place in the workspace. See
 //! `ARCHITECTURE.md` for the design it will follow.
+//!
+//! The pure math is here already, free of I/O:
+//!
+//! - [`gf`]: GF(2^8) with md's field, and the vector slice kernels.
+//! - [`parity`]: P/Q generation, delta updates, reconstruction, scrub checks.
+//! - [`layout`]: md-compatible geometry, array bytes to member bytes.
+
+pub mod gf;
+pub mod layout;
+pub mod parity;
