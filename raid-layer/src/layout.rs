@@ -44,8 +44,9 @@ pub const MIN_CHUNK: u64 = 4096;
 /// addressable by `usize` on every platform.
 pub const MAX_CHUNK: u64 = 1 << 30;
 
-/// A RAID level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A RAID level (`raid0`, `raid1`, `raid5`, `raid6`, `raid10` in configs and on disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     /// Striping without redundancy.
     Raid0,

@@ -1,0 +1,380 @@
+//! An array: members, a layout, and the data path that serves the array
+//! as a block device through the engine.
+//!
+//! - [`read`](self::read): reads, from the least loaded copy (RAID 1/10)
+//!   or the data chunk (RAID 0/5/6), reconstructing from mirrors or parity
+//!   when a member is missing or fails mid-read.
+//! - [`write`](self::write): RAID 0/1/10 writes and the commands without
+//!   parity; [`parity_write`](self::parity_write): RAID 5/6 writes
+//!   (full-stripe, read-modify-write, reconstruct-write, degraded).
+//! - [`locks`]: stripe/region locks that order writes to the same stripe.
+//! - [`meta`]: the metadata the data path depends on (write-intent
+//!   bitmap, member failures recorded in the superblocks).
+//!
+//! # Failures
+//! A member that fails (EIO, lost connection, no progress within the
+//! liveness timeout) is failed *before* any write it missed is
+//! acknowledged: [`ArrayInner::fail_member`] records it in the surviving
+//! members' superblocks and only then returns. Reads then reconstruct,
+//! writes go to the survivors (the bitmap remembers what the failed member
+//! missed). A caller's mistake never fails a member. With more members
+//! lost than the level tolerates, the array is failed and every request
+//! gets EIO at once.
+
+mod locks;
+pub mod meta;
+mod parity_write;
+mod read;
+mod write;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use nbdraid_engine::Error as IoError;
+use nbdraid_engine::buffer::{BufferPool, IoBuf};
+use nbdraid_engine::cost::SharedCostModel;
+use nbdraid_engine::device::{
+    BlockDevice, BlockSizes, DeviceInfo, Extent, IoContext, IoFuture, OpKind, ZeroFlags,
+};
+
+pub use locks::{KeyGuard, KeyLocks};
+
+use crate::layout::{Layout, Level};
+use crate::member::{Member, MemberError, MemberState};
+use meta::ArrayMeta;
+
+/// How an array is set up, beyond its geometry.
+#[derive(Debug, Clone)]
+pub struct ArrayParams {
+    /// The array's (and its export's) name.
+    pub name: String,
+    /// Largest READ/WRITE payload the array accepts.
+    pub max_payload: u32,
+}
+
+/// The array's shared state; the [`Array`] handle clones an `Arc` of it
+/// into every request's future.
+pub struct ArrayInner {
+    /// The array's name.
+    pub name: String,
+    /// Its geometry.
+    pub layout: Layout,
+    /// Its members, by slot.
+    pub members: Vec<Arc<Member>>,
+    /// Buffers for parity and reads the array makes on its own account.
+    pub pool: Arc<BufferPool>,
+    /// Stripe (RAID 5/6) or region (RAID 1/10) locks ordering writes.
+    pub locks: Arc<KeyLocks>,
+    /// Metadata: bitmap, superblocks.
+    pub meta: Arc<ArrayMeta>,
+    /// The layer's cost model.
+    pub model: SharedCostModel,
+    /// More members lost than the level tolerates: everything gets EIO.
+    failed: AtomicBool,
+    max_payload: u32,
+}
+
+/// An array, served by the engine as a block device.
+#[derive(Clone)]
+pub struct Array {
+    inner: Arc<ArrayInner>,
+}
+
+/// RAID 1 write-ordering region (RAID 1 has no chunks).
+const MIRROR_LOCK_REGION: u64 = 1 << 20;
+
+fn member_io_error(op: &'static str, array: &str, e: &MemberError) -> IoError {
+    match e {
+        MemberError::Refused { error, .. } => {
+            use nbdraid_proto::consts::errno;
+            match error.errno() {
+                errno::EINVAL => IoError::Invalid(format!("{array}: {e}")),
+                errno::ENOSPC => IoError::StorageFull {
+                    op,
+                    what: array.to_string(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                },
+                errno::ENOTSUP => IoError::FastZeroUnsupported,
+                _ => IoError::eio(op, array, e.to_string()),
+            }
+        }
+        _ => IoError::eio(op, array, e.to_string()),
+    }
+}
+
+impl Array {
+    /// Returns an array over `members` (slot order) with `layout`.
+    pub fn new(
+        params: ArrayParams,
+        layout: Layout,
+        members: Vec<Arc<Member>>,
+        pool: Arc<BufferPool>,
+        meta: Arc<ArrayMeta>,
+        model: SharedCostModel,
+    ) -> Self {
+        let inner = Arc::new(ArrayInner {
+            name: params.name,
+            layout,
+            members,
+            pool,
+            locks: KeyLocks::new(),
+            meta,
+            model,
+            failed: AtomicBool::new(false),
+            max_payload: params.max_payload,
+        });
+        inner.update_failed();
+        Self { inner }
+    }
+
+    /// Returns the shared state.
+    pub fn inner(&self) -> &Arc<ArrayInner> {
+        &self.inner
+    }
+}
+
+impl ArrayInner {
+    /// Reports whether the array has lost more than its level tolerates.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Returns the slots of members that are not in sync (faulty, missing,
+    /// or still recovering).
+    pub fn degraded_slots(&self) -> Vec<usize> {
+        self.members
+            .iter()
+            .filter(|m| !m.readable())
+            .map(|m| m.slot)
+            .collect()
+    }
+
+    /// Reports whether any member is not in sync.
+    pub fn is_degraded(&self) -> bool {
+        self.members.iter().any(|m| !m.readable())
+    }
+
+    /// Recomputes whether the array can still serve every byte.
+    fn update_failed(&self) {
+        let lost = |mut slots: Box<dyn Iterator<Item = usize> + '_>| {
+            slots.all(|s| !self.members[s].writable())
+        };
+        let n = self.members.len();
+        let failed = match self.layout.level() {
+            Level::Raid0 => self.members.iter().any(|m| !m.writable()),
+            Level::Raid1 => lost(Box::new(0..n)),
+            Level::Raid5 | Level::Raid6 => {
+                let tolerated = self.layout.level().parity_chunks();
+                self.members.iter().filter(|m| !m.writable()).count() > tolerated
+            }
+            Level::Raid10 => {
+                // Chunk c's copies sit in slots c·copies.. (mod N); the
+                // pattern repeats within N chunks.
+                let copies = self.layout.geometry().copies;
+                (0..n).any(|c| lost(Box::new((0..copies).map(move |k| (c * copies + k) % n))))
+            }
+        };
+        if failed && !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                array = %self.name,
+                lost = ?self.degraded_slots(),
+                "array FAILED: more members lost than the level tolerates; every request gets EIO"
+            );
+        }
+    }
+
+    /// Fails member `slot` because of `e` (a member failure): records it in
+    /// the surviving members' superblocks and returns once that is durable,
+    /// so the caller may then acknowledge writes the member missed.
+    pub async fn fail_member(&self, slot: usize, e: &MemberError) {
+        let Some(m) = self.members.get(slot) else {
+            return;
+        };
+        if matches!(m.state(), MemberState::Faulty | MemberState::Missing) {
+            // Someone else recorded it; wait until their record is durable.
+            self.meta.wait_failure_recorded(slot).await;
+            return;
+        }
+        m.set_state(MemberState::Faulty);
+        tracing::warn!(array = %self.name, member = slot, uri = %m.uri, error = %e, "member failed");
+        metrics::counter!("nbdraid_array_member_failures_total", "array" => self.name.clone())
+            .increment(1);
+        self.update_failed();
+        self.meta.record_failure(self, slot, &e.to_string()).await;
+    }
+
+    /// Fails the member named by `e` if `e` is a member failure; returns
+    /// whether it was one.
+    pub async fn handle(&self, e: &MemberError) -> bool {
+        if e.is_failure() || matches!(e, MemberError::Unavailable { .. }) {
+            self.fail_member(e.member(), e).await;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Returns an EIO for a request the array cannot serve any more.
+    pub fn failed_error(&self, op: &'static str) -> IoError {
+        IoError::eio(
+            op,
+            &self.name,
+            format!(
+                "the array has lost more members than {} tolerates ({:?} not in sync)",
+                self.layout.level(),
+                self.degraded_slots()
+            ),
+        )
+    }
+
+    /// Maps a member error to the error the client sees.
+    pub fn io_error(&self, op: &'static str, e: &MemberError) -> IoError {
+        member_io_error(op, &self.name, e)
+    }
+
+    /// Returns a pooled buffer of `len` bytes.
+    pub fn buffer(&self, len: usize) -> IoBuf {
+        self.pool.get(len)
+    }
+
+    /// Returns the write-ordering lock keys of member range `[offset, end)`
+    /// for a mirrored level.
+    fn mirror_lock_keys(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        let region = match self.layout.level() {
+            Level::Raid1 => MIRROR_LOCK_REGION,
+            _ => self.layout.chunk(),
+        };
+        let last = offset + len.max(1) - 1;
+        offset / region..=last / region
+    }
+
+    /// Flushes every member that must hold data; fails those that cannot.
+    pub async fn flush_members(&self) -> Result<(), IoError> {
+        let writable: Vec<_> = self.members.iter().filter(|m| m.writable()).collect();
+        let results = futures::future::join_all(writable.iter().map(|m| m.flush())).await;
+        for r in results {
+            if let Err(e) = r
+                && !self.handle(&e).await
+            {
+                return Err(self.io_error("flush", &e));
+            }
+        }
+        if self.is_failed() {
+            return Err(self.failed_error("flush"));
+        }
+        Ok(())
+    }
+}
+
+fn boxed<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, IoError>> + Send + 'static,
+) -> IoFuture<T> {
+    Box::pin(f)
+}
+
+impl BlockDevice for Array {
+    fn info(&self) -> DeviceInfo {
+        let i = &self.inner;
+        let g = i.layout.geometry();
+        let description = match g.level {
+            Level::Raid1 => format!("{} over {} members", g.level, g.members),
+            Level::Raid10 => format!(
+                "{} over {} members, {} copies, chunk {}",
+                g.level,
+                g.members,
+                g.copies,
+                nbdraid_proto::ByteSize(g.chunk)
+            ),
+            _ => format!(
+                "{} over {} members, chunk {}",
+                g.level,
+                g.members,
+                nbdraid_proto::ByteSize(g.chunk)
+            ),
+        };
+        DeviceInfo {
+            size: i.layout.size(),
+            read_only: false,
+            block_sizes: BlockSizes {
+                min: 1,
+                preferred: 4096,
+                max: i.max_payload,
+            },
+            // A FLUSH on any connection flushes every member.
+            multi_conn: true,
+            can_trim: true,
+            can_zero: true,
+            can_fast_zero: false,
+            can_cache: true,
+            rotational: false,
+            description,
+        }
+    }
+
+    fn read(&self, _ctx: IoContext, offset: u64, buf: IoBuf) -> IoFuture<IoBuf> {
+        let inner = self.inner.clone();
+        boxed(async move { inner.read(offset, buf).await })
+    }
+
+    fn write(&self, _ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<()> {
+        let inner = self.inner.clone();
+        boxed(async move {
+            let data = Bytes::from_owner(buf);
+            inner.write(offset, data, fua).await
+        })
+    }
+
+    fn flush(&self, _ctx: IoContext) -> IoFuture<()> {
+        let inner = self.inner.clone();
+        boxed(async move {
+            if inner.is_failed() {
+                return Err(inner.failed_error("flush"));
+            }
+            inner.flush_members().await
+        })
+    }
+
+    fn trim(&self, _ctx: IoContext, offset: u64, len: u64, fua: bool) -> IoFuture<()> {
+        let inner = self.inner.clone();
+        boxed(async move { inner.discard(offset, len, false, fua, true).await })
+    }
+
+    fn write_zeroes(
+        &self,
+        _ctx: IoContext,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> IoFuture<()> {
+        let inner = self.inner.clone();
+        boxed(async move {
+            if flags.fast {
+                return Err(IoError::FastZeroUnsupported);
+            }
+            inner
+                .discard(offset, len, flags.no_hole, flags.fua, false)
+                .await
+        })
+    }
+
+    fn cache(&self, _ctx: IoContext, _offset: u64, _len: u64) -> IoFuture<()> {
+        // Advisory; the members' page caches do their own read-ahead.
+        boxed(async { Ok(()) })
+    }
+
+    fn block_status(
+        &self,
+        _ctx: IoContext,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> IoFuture<Vec<Extent>> {
+        let inner = self.inner.clone();
+        boxed(async move { inner.block_status(offset, len, max_extents).await })
+    }
+
+    fn cost(&self, op: OpKind, len: u64) -> u64 {
+        self.inner.model.cost(op, len)
+    }
+}

@@ -1,0 +1,381 @@
+//! One member of an array: a volume on a storage node, reached through the
+//! client library over one or more NBD connections.
+//!
+//! A member is addressed in two ways: its *data area* (member offset 0 is
+//! the array's first byte on it, at `data_offset` in the volume) for array
+//! I/O, and raw volume offsets for the metadata in front of the data area
+//! (superblocks, bitmap). Every operation reports either success, a
+//! failure of the member (EIO, a lost connection, no progress within the
+//! liveness timeout: the array then fails the member), or the caller's
+//! mistake (EINVAL, ENOSPC...: a bug in the array's mapping, never a
+//! reason to fail the member).
+//!
+//! State: `Active` (in sync: read and written), `Recovering` (written, not
+//! yet read: it is being resynced or rebuilt), `Faulty` (neither), and
+//! `Missing` (not found at assembly). The state is an atomic read on every
+//! request; only the array changes it, after recording the change in the
+//! superblocks when that matters.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nbdraid_client::{Client, ClientConfig, ClientError, Extent, IoBuf, Request};
+
+/// What a member is to its array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MemberState {
+    /// In sync: read and written.
+    Active = 0,
+    /// Written but not read: being resynced or rebuilt.
+    Recovering = 1,
+    /// Failed: neither read nor written until re-added.
+    Faulty = 2,
+    /// Not present (unreachable or refused at assembly).
+    Missing = 3,
+}
+
+impl MemberState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => MemberState::Active,
+            1 => MemberState::Recovering,
+            2 => MemberState::Faulty,
+            _ => MemberState::Missing,
+        }
+    }
+
+    /// Returns the lower-case name used in status and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Active => "active",
+            MemberState::Recovering => "recovering",
+            MemberState::Faulty => "faulty",
+            MemberState::Missing => "missing",
+        }
+    }
+}
+
+/// How a member operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MemberError {
+    /// The member failed (I/O error, lost connection, no progress): the
+    /// array must stop using it. A write that failed so may have been applied.
+    #[error("member {member} ({uri}) failed: {reason}")]
+    Failed {
+        /// The member's slot.
+        member: usize,
+        /// Its URI.
+        uri: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The request itself was refused (a bug in the array's mapping, or an
+    /// error the caller must see); the member is fine.
+    #[error("member {member} refused a request: {error}")]
+    Refused {
+        /// The member's slot.
+        member: usize,
+        /// The client's error.
+        error: ClientError,
+    },
+    /// The member is not connected (faulty or missing).
+    #[error("member {member} ({uri}) is not available")]
+    Unavailable {
+        /// The member's slot.
+        member: usize,
+        /// Its URI.
+        uri: String,
+    },
+}
+
+impl MemberError {
+    /// Reports whether the member must be failed because of this error.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, MemberError::Failed { .. })
+    }
+
+    /// Returns the failed or unavailable member's slot.
+    pub fn member(&self) -> usize {
+        match self {
+            MemberError::Failed { member, .. }
+            | MemberError::Refused { member, .. }
+            | MemberError::Unavailable { member, .. } => *member,
+        }
+    }
+}
+
+/// Counters shown in status and metrics.
+#[derive(Debug, Default)]
+pub struct MemberStats {
+    /// Completed reads.
+    pub reads: AtomicU64,
+    /// Completed writes.
+    pub writes: AtomicU64,
+    /// Failed operations.
+    pub errors: AtomicU64,
+    /// Sum of completed operations' latencies, in microseconds.
+    pub latency_us: AtomicU64,
+}
+
+/// One member of an array.
+pub struct Member {
+    /// The member's slot (role) in the array.
+    pub slot: usize,
+    /// Where it is: `nbd://host:port/export`.
+    pub uri: String,
+    /// Offset of the data area in the member volume.
+    pub data_offset: u64,
+    client: RwLock<Option<Arc<Client>>>,
+    state: AtomicU8,
+    outstanding: AtomicUsize,
+    /// Operation counters.
+    pub stats: MemberStats,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("slot", &self.slot)
+            .field("uri", &self.uri)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+/// Decrements the outstanding count when an operation ends, however it ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The client settings for a member: several connections, no per-request
+/// deadline (a slow member is throttled, not failed), and the liveness
+/// timeout as the stall detector (a member with work outstanding that
+/// completes nothing for that long is failed).
+pub fn member_client_config(connections: usize, liveness: Duration) -> ClientConfig {
+    ClientConfig {
+        connections,
+        request_timeout: None,
+        stall_timeout: Some(liveness),
+        connect_timeout: liveness.max(Duration::from_secs(1)),
+        ..ClientConfig::default()
+    }
+}
+
+impl Member {
+    /// Returns a member in `state` reached through `client` (none when it
+    /// could not be connected).
+    pub fn new(
+        slot: usize,
+        uri: &str,
+        data_offset: u64,
+        client: Option<Arc<Client>>,
+        state: MemberState,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            slot,
+            uri: uri.to_string(),
+            data_offset,
+            client: RwLock::new(client),
+            state: AtomicU8::new(state as u8),
+            outstanding: AtomicUsize::new(0),
+            stats: MemberStats::default(),
+        })
+    }
+
+    /// Returns the member's state.
+    pub fn state(&self) -> MemberState {
+        MemberState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the member's state (the array records it in the superblocks first
+    /// where that matters).
+    pub fn set_state(&self, s: MemberState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    /// Reports whether reads may go to this member.
+    pub fn readable(&self) -> bool {
+        self.state() == MemberState::Active
+    }
+
+    /// Reports whether writes must go to this member.
+    pub fn writable(&self) -> bool {
+        matches!(self.state(), MemberState::Active | MemberState::Recovering)
+    }
+
+    /// Returns the number of operations in flight (for least-loaded reads).
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Returns the client, if connected.
+    pub fn client(&self) -> Option<Arc<Client>> {
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the client (after a reconnect), returning the old one.
+    pub fn set_client(&self, client: Option<Arc<Client>>) -> Option<Arc<Client>> {
+        std::mem::replace(
+            &mut *self.client.write().unwrap_or_else(|e| e.into_inner()),
+            client,
+        )
+    }
+
+    /// Returns the member volume's size, if connected.
+    pub fn volume_size(&self) -> Option<u64> {
+        self.client().map(|c| c.info().size)
+    }
+
+    fn unavailable(&self) -> MemberError {
+        MemberError::Unavailable {
+            member: self.slot,
+            uri: self.uri.clone(),
+        }
+    }
+
+    fn classify(&self, e: ClientError) -> MemberError {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if e.is_member_failure() || matches!(e, ClientError::Closed) {
+            MemberError::Failed {
+                member: self.slot,
+                uri: self.uri.clone(),
+                reason: e.to_string(),
+            }
+        } else {
+            MemberError::Refused {
+                member: self.slot,
+                error: e,
+            }
+        }
+    }
+
+    /// Runs `req` on the member's client, counting it in flight.
+    async fn submit(&self, req: Request) -> Result<nbdraid_client::Done, MemberError> {
+        let client = self.client().ok_or_else(|| self.unavailable())?;
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.outstanding);
+        let start = quanta::Instant::now();
+        let done = client.submit(req).await;
+        self.stats
+            .latency_us
+            .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    /// Reads `buf.len()` bytes at raw volume offset `offset` into `buf`.
+    /// On failure the buffer is handed back with the error when the client
+    /// still had it.
+    pub async fn read_raw(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+    ) -> Result<IoBuf, (MemberError, Option<IoBuf>)> {
+        let done = self
+            .submit(Request::Read { offset, buf })
+            .await
+            .map_err(|e| (e, None))?;
+        match done.result {
+            Ok(()) => {
+                self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                done.buffer
+                    .ok_or_else(|| (self.classify(ClientError::Closed), None))
+            }
+            Err(e) => Err((self.classify(e), done.buffer)),
+        }
+    }
+
+    /// Writes `data` at raw volume offset `offset`.
+    pub async fn write_raw(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), MemberError> {
+        let done = self.submit(Request::Write { offset, data, fua }).await?;
+        done.result.map_err(|e| self.classify(e))?;
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads from the data area (see [`Member::read_raw`]).
+    pub async fn read(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+    ) -> Result<IoBuf, (MemberError, Option<IoBuf>)> {
+        self.read_raw(self.data_offset + offset, buf).await
+    }
+
+    /// Writes to the data area.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), MemberError> {
+        self.write_raw(self.data_offset + offset, data, fua).await
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> Result<(), MemberError> {
+        let done = self.submit(Request::Flush).await?;
+        done.result.map_err(|e| self.classify(e))
+    }
+
+    /// Discards a range of the data area (advisory).
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), MemberError> {
+        let done = self
+            .submit(Request::Trim {
+                offset: self.data_offset + offset,
+                len,
+            })
+            .await?;
+        done.result.map_err(|e| self.classify(e))
+    }
+
+    /// Makes a range of the data area read as zeroes.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), MemberError> {
+        let done = self
+            .submit(Request::WriteZeroes {
+                offset: self.data_offset + offset,
+                len,
+                no_hole,
+                fast: false,
+                fua,
+            })
+            .await?;
+        done.result.map_err(|e| self.classify(e))
+    }
+
+    /// Returns the allocation extents of a range of the data area (offsets
+    /// relative to the data area).
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, MemberError> {
+        let done = self
+            .submit(Request::BlockStatus {
+                offset: self.data_offset + offset,
+                len,
+            })
+            .await?;
+        done.result.map_err(|e| self.classify(e))?;
+        Ok(done
+            .extents
+            .into_iter()
+            .map(|e| Extent {
+                offset: e.offset.saturating_sub(self.data_offset),
+                ..e
+            })
+            .collect())
+    }
+
+    /// Reports whether the member's client negotiated `base:allocation`.
+    pub fn has_block_status(&self) -> bool {
+        self.client()
+            .is_some_and(|c| c.info().allocation_context.is_some())
+    }
+}
