@@ -20,7 +20,8 @@ use nbdraid_client::{ClientConfig, ClientError, CompletionRing, ConnState, Indir
 use nbdraid_proto::consts::cmd;
 
 use common::fake::{Export, FakeConn, FakeServer, answer};
-use common::{connect, quick_config, random_bytes, within, within_for};
+use common::{connect, quick_config, within, within_for};
+use nbdraid_harness::pattern;
 
 const SHORT: Duration = Duration::from_millis(200);
 /// Hang detector for operations that should end after a 200 ms deadline.
@@ -252,7 +253,7 @@ async fn server_hangs_up_with_requests_in_flight_then_reconnect() {
         let req = if i % 2 == 0 {
             Request::Write {
                 offset: i * 4096,
-                data: Bytes::from(random_bytes(i, 4096)),
+                data: Bytes::from(pattern(i, 4096)),
                 fua: false,
             }
         } else {
@@ -314,7 +315,7 @@ async fn server_hangs_up_with_requests_in_flight_then_reconnect() {
         .expect("reconnect");
     assert!(client.is_ready());
     assert_eq!(client.state(0), Some(ConnState::Ready));
-    let data = random_bytes(77, 8192);
+    let data = pattern(77, 8192);
     within("write", client.write(8192, data.clone(), true))
         .await
         .expect("write after reconnect");

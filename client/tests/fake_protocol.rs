@@ -21,7 +21,8 @@ use nbdraid_client::{
 use nbdraid_proto::consts::{cmd, errno, reply, transmission_flags as tf};
 
 use common::fake::{Answer, Export, FakeConn, FakeServer, answer, block_status_payload};
-use common::{assert_same, connect, quick_config, random_bytes, within, within_for};
+use common::{connect, quick_config, within, within_for};
+use nbdraid_harness::{assert_same, pattern};
 
 const BLOCK: usize = 4096;
 
@@ -38,7 +39,7 @@ fn no_deadlines() -> ClientConfig {
 fn filled_memory(blocks: usize) -> Arc<Mutex<Vec<u8>>> {
     let mut m = vec![0u8; blocks * BLOCK];
     for i in 0..blocks {
-        m[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&random_bytes(i as u64, BLOCK));
+        m[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&pattern(i as u64, BLOCK));
     }
     Arc::new(Mutex::new(m))
 }
@@ -89,7 +90,7 @@ async fn out_of_order_ring(structured: bool) {
                 buf: vec![0xEE; BLOCK].into(),
             }
         } else {
-            let data = Bytes::from(random_bytes(1000 + i, BLOCK));
+            let data = Bytes::from(pattern(1000 + i, BLOCK));
             Request::Write {
                 offset: (N + i) * BLOCK as u64,
                 data,
@@ -111,7 +112,7 @@ async fn out_of_order_ring(structured: bool) {
                 let buf = e.buffer.expect("read buffer");
                 assert_same(
                     &buf,
-                    &random_bytes(e.caller_data, BLOCK),
+                    &pattern(e.caller_data, BLOCK),
                     &format!("read {}", e.caller_data),
                 );
             } else {
@@ -130,7 +131,7 @@ async fn out_of_order_ring(structured: bool) {
         let at = ((N + i) as usize) * BLOCK;
         assert_same(
             &m[at..at + BLOCK],
-            &random_bytes(1000 + i, BLOCK),
+            &pattern(1000 + i, BLOCK),
             "written block",
         );
     }
@@ -161,7 +162,7 @@ async fn out_of_order_async_api() {
     let results = within("200 reads", join_all(reads)).await;
     for (i, r) in results.into_iter().enumerate() {
         let buf = r.unwrap_or_else(|e| panic!("read {i}: {e}"));
-        assert_same(&buf, &random_bytes(i as u64, BLOCK), &format!("read {i}"));
+        assert_same(&buf, &pattern(i as u64, BLOCK), &format!("read {i}"));
     }
 }
 
@@ -545,7 +546,7 @@ async fn go_unsupported_falls_back_to_export_name() {
         assert_eq!(info.size, 3 << 20);
         assert!(info.has(tf::SEND_FLUSH) && info.has(tf::SEND_TRIM));
         assert_eq!(info.allocation_context, None, "no meta context without GO");
-        let data = random_bytes(no_zeroes as u64, 10_000);
+        let data = pattern(no_zeroes as u64, 10_000);
         within("write", client.write(12_345, data.clone(), false))
             .await
             .expect("write");
@@ -659,7 +660,7 @@ async fn requests_honour_advertised_block_sizes() {
     let client = connect(&srv.addr(), "", no_deadlines()).await;
     let info = client.info();
     assert_eq!(info.min_block, 512);
-    let data = random_bytes(5, 8192);
+    let data = pattern(5, 8192);
     within("write", client.write(4096, data.clone(), false))
         .await
         .expect("split write");

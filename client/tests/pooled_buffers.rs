@@ -18,17 +18,18 @@ use nbdraid_proto::consts::cmd;
 use tokio::sync::{Semaphore, mpsc};
 
 use common::fake::{Export, FakeConn, FakeServer, answer};
-use common::{assert_same, connect, quick_config, random_bytes, within};
+use common::{connect, quick_config, within};
+use nbdraid_harness::{assert_same, pattern};
 
 const LEN: usize = 64 << 10;
 
-/// A disk whose blocks hold `random_bytes(block)`.
+/// A disk whose blocks hold `pattern(block, len)`.
 async fn disk(export: Export) -> (FakeServer, Arc<Mutex<Vec<u8>>>) {
     let (srv, mem) = FakeServer::memory(export).await;
     {
         let mut m = mem.lock().unwrap();
         for (i, block) in m.chunks_mut(LEN).enumerate() {
-            block.copy_from_slice(&random_bytes(i as u64, block.len()));
+            block.copy_from_slice(&pattern(i as u64, block.len()));
         }
     }
     (srv, mem)
@@ -52,7 +53,7 @@ async fn a_read_fills_and_returns_the_callers_pooled_buffer() {
         .expect("read");
     assert!(back.is_pooled(), "the caller's pooled buffer comes back");
     assert_eq!(back.as_ptr(), at, "the very buffer the caller gave");
-    assert_same(&back, &random_bytes(1, LEN), "read into a pooled buffer");
+    assert_same(&back, &pattern(1, LEN), "read into a pooled buffer");
     assert_eq!(pool.used_bytes(), LEN as u64);
     drop(back);
     assert_eq!((pool.used_bytes(), pool.kept_bytes()), (0, LEN as u64));
@@ -73,7 +74,7 @@ async fn a_read_fills_and_returns_the_callers_pooled_buffer() {
     assert!(e.status.is_ok(), "{:?}", e.status);
     let b = e.buffer.expect("the read's buffer");
     assert!(b.is_pooled());
-    assert_same(&b, &random_bytes(2, LEN), "read through the ring");
+    assert_same(&b, &pattern(2, LEN), "read through the ring");
     drop(b);
     let beyond = Request::Read {
         offset: 4 * LEN as u64,
@@ -108,7 +109,7 @@ async fn a_split_read_fills_the_callers_pooled_buffer() {
         .expect("read");
     assert_eq!(back.as_ptr(), at, "the very buffer the caller gave");
     assert!(back.is_pooled());
-    assert_same(&back, &random_bytes(1, LEN), "split read");
+    assert_same(&back, &pattern(1, LEN), "split read");
     assert_eq!(srv.requests(), 16, "one request per piece");
 }
 
@@ -159,7 +160,7 @@ async fn one_pooled_buffer_is_written_to_two_members_and_returns_after_both() {
 
     let pool = BufferPool::new(1 << 20);
     let mut buf = pool.get(LEN);
-    buf.copy_from_slice(&random_bytes(42, LEN));
+    buf.copy_from_slice(&pattern(42, LEN));
     let data = Bytes::from_owner(buf);
     let at = data.as_ptr();
     assert_eq!(pool.used_bytes(), LEN as u64);
@@ -202,7 +203,7 @@ async fn one_pooled_buffer_is_written_to_two_members_and_returns_after_both() {
     .await;
     assert_eq!(pool.kept_bytes(), LEN as u64, "back in the pool, for reuse");
 
-    let want = random_bytes(42, LEN);
+    let want = pattern(42, LEN);
     for (name, mem) in [("member A", &fast_mem), ("member B", &slow_mem)] {
         let m = mem.lock().unwrap();
         assert_same(&m[LEN..2 * LEN], &want, name);

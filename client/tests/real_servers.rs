@@ -20,7 +20,8 @@ use nbdraid_client::{
 use nbdraid_proto::consts::{allocation, errno, transmission_flags as tf};
 
 use common::servers::{Kind, Server};
-use common::{assert_same, connect, random_bytes, within};
+use common::{connect, within};
+use nbdraid_harness::{assert_same, pattern};
 
 const MIB: u64 = 1 << 20;
 
@@ -76,7 +77,7 @@ async fn round_trip(kind: Kind) {
     for (k, &len) in sizes.iter().enumerate() {
         // Unaligned offsets, spread over the region, overlapping earlier writes.
         let off = (k * 277_777 + 13) % (REGION - len);
-        let data = random_bytes(k as u64, len);
+        let data = pattern(k as u64, len);
         within("write", client.write(off as u64, data.clone(), false))
             .await
             .unwrap_or_else(|e| panic!("write {len} at {off}: {e}"));
@@ -90,7 +91,7 @@ async fn round_trip(kind: Kind) {
     let writes: Vec<_> = (0..32)
         .map(|k| {
             let off = k * 100_003 + 1;
-            let data = random_bytes(1000 + k as u64, 30_000);
+            let data = pattern(1000 + k as u64, 30_000);
             model[off..off + data.len()].copy_from_slice(&data);
             client.write(off as u64, data, false)
         })
@@ -106,7 +107,7 @@ async fn round_trip(kind: Kind) {
     // Larger than the default 32 MiB maximum: split even without a
     // server-set limit.
     let big_len = (33 << 20) + 7;
-    let big = random_bytes(99, big_len);
+    let big = pattern(99, big_len);
     let at = 5 * MIB + 3;
     within("33 MiB write", client.write(at, big.clone(), false))
         .await
@@ -133,7 +134,7 @@ async fn commands(kind: Kind) {
     ] {
         assert!(info.has(flag), "{kind:?} advertises {flag:#x}");
     }
-    let data = random_bytes(1, 1 << 20);
+    let data = pattern(1, 1 << 20);
     within("write", client.write(0, data.clone(), false))
         .await
         .expect("write");
@@ -266,7 +267,7 @@ async fn many_in_flight(kind: Kind) {
     for i in 0..N {
         let req = Request::Write {
             offset: i * BLOCK as u64,
-            data: Bytes::from(random_bytes(i, BLOCK)),
+            data: Bytes::from(pattern(i, BLOCK)),
             fua: false,
         };
         assert!(matches!(
@@ -309,7 +310,7 @@ async fn many_in_flight(kind: Kind) {
             let buf = e.buffer.as_ref().expect("buffer");
             assert_same(
                 buf,
-                &random_bytes(e.caller_data, BLOCK),
+                &pattern(e.caller_data, BLOCK),
                 &format!("{kind:?}: block {}", e.caller_data),
             );
             assert!(
@@ -329,7 +330,7 @@ async fn many_in_flight(kind: Kind) {
     {
         assert_same(
             &r.expect("read"),
-            &random_bytes(i as u64, BLOCK),
+            &pattern(i as u64, BLOCK),
             &format!("async block {i}"),
         );
     }
@@ -356,7 +357,7 @@ async fn killed_mid_stream(kind: Kind) {
     for i in 0..128u64 {
         let req = Request::Write {
             offset: i * BLOCK as u64,
-            data: Bytes::from(random_bytes(i, BLOCK)),
+            data: Bytes::from(pattern(i, BLOCK)),
             fua: false,
         };
         assert!(matches!(
@@ -381,7 +382,7 @@ async fn killed_mid_stream(kind: Kind) {
                     buf: vec![0; BLOCK].into(),
                 }
             } else {
-                let data = Bytes::from(random_bytes(i, BLOCK));
+                let data = Bytes::from(pattern(i, BLOCK));
                 Request::Write {
                     offset: i * BLOCK as u64,
                     data,
@@ -478,12 +479,12 @@ async fn killed_mid_stream(kind: Kind) {
                 .expect("read");
             assert_same(
                 &back,
-                &random_bytes(i, BLOCK),
+                &pattern(i, BLOCK),
                 &format!("{kind:?}: acknowledged block {i}"),
             );
         }
     }
-    let data = random_bytes(5, 12345);
+    let data = pattern(5, 12345);
     within("write", client.write(777, data.clone(), true))
         .await
         .expect("write after reconnect");
@@ -514,7 +515,7 @@ async fn multi_conn(kind: Kind) {
     for i in 0..client.connections() {
         assert_eq!(client.state(i), Some(ConnState::Ready));
     }
-    let writes = (0..64u64).map(|i| client.write(i * 8192, random_bytes(i, 8192), false));
+    let writes = (0..64u64).map(|i| client.write(i * 8192, pattern(i, 8192), false));
     for r in within("writes", join_all(writes)).await {
         r.expect("write");
     }
@@ -527,7 +528,7 @@ async fn multi_conn(kind: Kind) {
     {
         assert_same(
             &r.expect("read"),
-            &random_bytes(i as u64, 8192),
+            &pattern(i as u64, 8192),
             &format!("block {i}"),
         );
     }
@@ -548,7 +549,7 @@ async fn terminated_mid_stream(kind: Kind) {
     let ring = CompletionRing::new(512).unwrap();
     let reqs: Vec<_> = (0..384u64)
         .map(|i| {
-            let data = Bytes::from(random_bytes(i, BLOCK));
+            let data = Bytes::from(pattern(i, BLOCK));
             (
                 i,
                 Request::Write {

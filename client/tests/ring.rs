@@ -18,11 +18,12 @@ use bytes::Bytes;
 use nbdraid_client::{Client, ClientError, CompletionRing, Indirect, Request, RingEntry};
 
 use common::fake::{Export, FakeServer};
-use common::{HANG, assert_same, connect, quick_config, random_bytes, within};
+use common::{connect, quick_config, within};
+use nbdraid_harness::{assert_same, hang, pattern};
 
 const BLOCK: usize = 4096;
 
-/// A fake disk with known contents (block `i` holds `random_bytes(i)`), and a client of it.
+/// A fake disk with known contents (block `i` holds `pattern(i, BLOCK)`), and a client of it.
 async fn disk(blocks: usize) -> (FakeServer, Arc<Mutex<Vec<u8>>>, Arc<Client>) {
     let (srv, mem) = FakeServer::memory(Export {
         size: (blocks * BLOCK) as u64,
@@ -32,7 +33,7 @@ async fn disk(blocks: usize) -> (FakeServer, Arc<Mutex<Vec<u8>>>, Arc<Client>) {
     {
         let mut m = mem.lock().unwrap();
         for i in 0..blocks {
-            m[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&random_bytes(i as u64, BLOCK));
+            m[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&pattern(i as u64, BLOCK));
         }
     }
     let client = connect(&srv.addr(), "", quick_config()).await;
@@ -58,7 +59,7 @@ fn check_read(e: &RingEntry) {
     let buf = e.buffer.as_ref().expect("a read hands its buffer back");
     assert_same(
         buf,
-        &random_bytes(e.caller_data, BLOCK),
+        &pattern(e.caller_data, BLOCK),
         &format!("block {}", e.caller_data),
     );
 }
@@ -246,7 +247,7 @@ async fn wrap_around_many_times() {
         assert!(e.status.is_ok(), "{:?}", e.status);
         assert_same(
             e.buffer.as_ref().unwrap(),
-            &random_bytes(block, BLOCK),
+            &pattern(block, BLOCK),
             "wrapped entry",
         );
         done += 1;
@@ -446,7 +447,7 @@ async fn notification_runs_once_per_completion() {
         );
         assert_same(
             e.buffer.as_ref().unwrap(),
-            &random_bytes(e.caller_data % 32, BLOCK),
+            &pattern(e.caller_data % 32, BLOCK),
             "notified read",
         );
     }
@@ -542,7 +543,7 @@ async fn async_waiter_and_blocking_waiter_together() {
     for round in 0..200u64 {
         let tail = ring.user_tail();
         let r2 = ring.clone();
-        let blocking = std::thread::spawn(move || r2.ring_wait_blocking(tail, Some(HANG)));
+        let blocking = std::thread::spawn(move || r2.ring_wait_blocking(tail, Some(hang(30))));
         let r3 = ring.clone();
         let asynch = tokio::spawn(async move { r3.ring_wait(tail).await });
         assert!(matches!(

@@ -36,8 +36,8 @@ What is measured, per (server, row, client, pass):
   least disturbed kept; '!' marks a cell still disturbed.
 Medians over passes; the order of the two clients alternates by pass.
 
-Helpers (process handling, /proc sampling, quiet-wait) come from peers.py
-next to this file.  Standard library only.
+Helpers (process handling, /proc sampling, quiet-wait, fio) come from
+benchlib.py next to this file.  Standard library only.
 """
 
 import argparse
@@ -46,15 +46,16 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import (CLK_TCK, MIB, Proc, busy_cores, descendants, first_line, log,  # noqa: E402
-                   log_tail, parse_size, proc_comm, proc_stat, run_child, self_cpu, sys_cpu,
-                   tree_cpu_ticks, wait_no_children, wait_quiet, wait_ready_file)
+from benchlib import (CLK_TCK, Proc, busy_cores, descendants, fill_random,  # noqa: E402
+                      fio_nbd_cmd, first_line, fmt_k, git_state, log, log_tail, parse_size,
+                      proc_comm, proc_stat, raise_on_signals, run_child, run_fio_json, self_cpu,
+                      start_nbdkit, start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks,
+                      wait_no_children, wait_quiet)
 
 EXPORT = "bench"
 CLIENTS = ("fio", "nbdraid")
@@ -82,33 +83,12 @@ ROW_BY_NAME = {r.name: r for r in ROWS}
 # Servers
 
 
-def listening_port(pid):
-    """The TCP port pid listens on (its socket inodes in /proc/net/tcp)."""
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                t = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if t.startswith("socket:["):
-                inodes.add(t[8:-1])
-    except OSError:
-        return None
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            p = line.split()
-            if len(p) > 9 and p[3] == "0A" and p[9] in inodes:
-                return int(p[1].rsplit(":", 1)[1], 16)
-    return None
-
-
 class Server:
     def __init__(self, name, ctx):
         self.name, self.ctx, self.proc, self.uri = name, ctx, None, None
 
     def pin(self):
-        return ["taskset", "-c", self.ctx.server_cpus] if self.ctx.server_cpus else []
+        return taskset(self.ctx.server_cpus)
 
     def logpath(self):
         return os.path.join(self.ctx.workdir, f"{self.name}.log")
@@ -134,16 +114,8 @@ class Server:
 
 class Nbdkit(Server):
     def _start(self):
-        cmd = self.pin() + ["nbdkit", "-f", "-i", "127.0.0.1", "-p", "0", "-e", EXPORT,
-                            "memory", f"size={self.ctx.size}"]
-        self.proc = Proc(cmd, self.logpath())
-        deadline = time.monotonic() + 30
-        while (port := listening_port(self.pid)) is None:
-            if not self.proc.running():
-                raise RuntimeError(f"nbdkit exited: {log_tail(self.logpath())}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not listen within 30s")
-            time.sleep(0.02)
+        self.proc, port = start_nbdkit(
+            self.pin(), ["-e", EXPORT, "memory", f"size={self.ctx.size}"], self.logpath())
         self.uri = f"nbd://127.0.0.1:{port}/{EXPORT}"
 
 
@@ -152,12 +124,9 @@ class Node(Server):
         data = os.path.join(self.ctx.workdir, "node-data")
         shutil.rmtree(data, ignore_errors=True)
         ready = os.path.join(self.ctx.workdir, "node.ready")
-        if os.path.exists(ready):
-            os.unlink(ready)
         cmd = self.pin() + [self.ctx.node_bin, "--listen", "127.0.0.1:0", "--data-dir", data,
                             "--volume", f"{EXPORT}:{self.ctx.size}", "--ready-file", ready]
-        self.proc = Proc(cmd, self.logpath())
-        info = wait_ready_file(self.proc, ready, self.logpath())
+        self.proc, info = start_with_ready_file(cmd, ready, self.logpath())
         self.uri = f"nbd://{info['nbd']}/{EXPORT}"
 
 
@@ -169,11 +138,9 @@ SERVERS = {"nbdkit": Nbdkit, "nbdraid": Node}
 
 
 def fio_cmd(ctx, row, uri, out):
-    return ["fio", f"--name={row.name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={row.rw}",
-            f"--bs={row.bs}", f"--iodepth={row.qd}", f"--numjobs={row.conns}",
-            "--group_reporting", "--time_based", f"--runtime={int(ctx.runtime * 1000)}ms",
-            "--norandommap", "--output-format=json", f"--output={out}"] + (
-                [f"--iodepth_low={row.low}"] if row.low is not None else [])
+    extra = [f"--iodepth_low={row.low}"] if row.low is not None else []
+    return fio_nbd_cmd(row.name, uri, out, ctx.runtime, row.rw, row.bs, row.qd,
+                       numjobs=row.conns, extra=extra)
 
 
 def nbdraid_cmd(ctx, row, uri):
@@ -184,26 +151,10 @@ def nbdraid_cmd(ctx, row, uri):
                 ["--queue-low", str(row.low * row.conns)] if row.low is not None else [])
 
 
-def client_pin(ctx):
-    return ["taskset", "-c", ctx.client_cpus] if ctx.client_cpus else []
-
-
 def run_fio(ctx, row, uri):
     out = os.path.join(ctx.workdir, "fio.json")
-    if os.path.exists(out):
-        os.unlink(out)
-    cmd = client_pin(ctx) + fio_cmd(ctx, row, uri, out)
-    t = time.monotonic()
-    rc, cpu, text = run_child(cmd, ctx.runtime + 60)
-    wall = time.monotonic() - t
-    try:
-        with open(out) as f:
-            raw = f.read()
-        job = json.loads(raw[raw.index("{"):])["jobs"][0]
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise RuntimeError(f"fio exit {rc}, no JSON ({e}): {text[-500:]}")
-    if rc != 0 or job.get("error"):
-        raise RuntimeError(f"fio exit {rc}, error {job.get('error')}: {text[-500:]}")
+    cmd = taskset(ctx.client_cpus) + fio_cmd(ctx, row, uri, out)
+    job, cpu, wall = run_fio_json(cmd, out, ctx.runtime + 60)
     ios = sum(job[d]["total_ios"] for d in ("read", "write"))
     iops = sum(job[d]["iops"] for d in ("read", "write"))
     d = job["read"] if row.rw == "randread" else job["write"]
@@ -215,7 +166,7 @@ def run_fio(ctx, row, uri):
 
 
 def run_nbdraid(ctx, row, uri):
-    cmd = client_pin(ctx) + nbdraid_cmd(ctx, row, uri)
+    cmd = taskset(ctx.client_cpus) + nbdraid_cmd(ctx, row, uri)
     t = time.monotonic()
     rc, cpu, text = run_child(cmd, ctx.runtime + 60)
     wall = time.monotonic() - t
@@ -334,12 +285,6 @@ def summarize(cells):
     return s
 
 
-def fmt_k(x):
-    if x is None:
-        return "-"
-    return f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:.0f}"
-
-
 def busy_text(f, o):
     fb, ob = f.get("client_cpus_busy_us_per_io"), o.get("client_cpus_busy_us_per_io")
     if not fb or ob is None:
@@ -427,12 +372,7 @@ def cpu_list(text):
 
 def make_random_file(path, size):
     log(f"writing {size >> 20} MiB of random data to {path} (the prefill source)")
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(16 * MIB, left)
-            f.write(os.urandom(n))
-            left -= n
+    fill_random(path, size)
 
 
 def main(argv):
@@ -468,12 +408,7 @@ def main(argv):
     shutil.copy2(a.node_bin, ctx.node_bin)
     ctx.random_file = os.path.join(ctx.workdir, "random.img")
 
-    import signal
-
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    raise_on_signals()
 
     servers = {n: SERVERS[n](n, ctx) for n in names}
     raw = {n: {r.name: {c: [] for c in CLIENTS} for r in rows} for n in names}
@@ -490,12 +425,9 @@ def main(argv):
         print(f"{'fio':>12}: {first_line(['fio', '--version'])}")
         print(f"{'nbdkit':>12}: {first_line(['nbdkit', '--version'])}")
         print(f"{'nbdraid':>12}: {first_line([ctx.nbdraid_bin, '--version'])} ({a.nbdraid_bin})")
-        git = first_line(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse",
-                          "--short", "HEAD"])
-        dirty = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status",
-                                "--porcelain", "--", "../../client", "../../proto",
-                                "../../nbd-server", "../../Cargo.lock"],
-                               capture_output=True, text=True).stdout.strip()
+        git, dirty = git_state(os.path.dirname(os.path.abspath(__file__)),
+                               ["../../client", "../../proto", "../../nbd-server",
+                                "../../Cargo.lock"])
         print(f"{'git':>12}: {git}" + (" + uncommitted changes in the built crates" if dirty else ""))
         print(f"{'settings':>12}: {ctx.passes} passes x {ctx.runtime:g} s, export {a.size}, "
               f"server CPUs {ctx.server_cpus or 'any'}, client CPUs {ctx.client_cpus or 'any'}")

@@ -14,31 +14,16 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (Proc, fio_nbd_cmd, log, parse_size, raise_on_signals,  # noqa: E402
+                      read_fio_job, start_nbdkit, start_with_ready_file)
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CG_ROOT = "/sys/fs/cgroup/memory"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def parse_size(s):
-    s = s.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if s[-1] in mult:
-        return int(s[:-1]) * mult[s[-1]]
-    return int(s)
 
 
 def status_kib(pid, field):
@@ -99,22 +84,9 @@ class Cgroup:
                 time.sleep(0.1)
 
 
-def wait_port(port, timeout=30):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 def start_node(args, work, bs, throttle, cg):
     data = os.path.join(work, "node")
     ready = os.path.join(work, "ready.json")
-    if os.path.exists(ready):
-        os.unlink(ready)
     conf = os.path.join(work, "node.toml")
     with open(conf, "w") as f:
         f.write(f'''# benchmark only: fault injection slows the volume down
@@ -131,42 +103,20 @@ delay-us = {args.delay_ms * 1000}
     argv = [args.node_bin, "--config", conf, "--data-dir", data, "--listen", "127.0.0.1:0",
             "--ready-file", ready, "--log", "warn"]
     if cg:
-        argv = cg.wrap(argv)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "node.log"), "a"),
-                            start_new_session=True)
-    end = time.time() + 30
-    while time.time() < end and not os.path.exists(ready):
-        if proc.poll() is not None:
-            raise RuntimeError("node exited at start; see " + os.path.join(work, "node.log"))
-        time.sleep(0.05)
-    with open(ready) as f:
-        r = json.load(f)
+        argv = cg.wrap(argv)  # the wrapper execs the node: the PID stays the one we started
+    proc, r = start_with_ready_file(argv, ready, os.path.join(work, "node.log"), timeout=30)
     return proc, int(r["nbd"].rsplit(":", 1)[1]), "flood"
 
 
-def start_nbdkit(args, work, cg):
+def start_delayed_nbdkit(args, work, cg):
     path = os.path.join(work, "nbdkit.img")
     with open(path, "wb") as f:
         f.truncate(parse_size(args.volume_size))
-    port = free_port()
-    argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-e", "flood", "--filter=delay",
-            "file", f"file={path}", f"wdelay={args.delay_ms}ms"]
-    if cg:
-        argv = cg.wrap(argv)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    if not wait_port(port):
-        raise RuntimeError("nbdkit did not start")
+    proc, port = start_nbdkit(cg.wrap([]) if cg else [],
+                              ["-e", "flood", "--filter=delay", "file", f"file={path}",
+                               f"wdelay={args.delay_ms}ms"],
+                              os.path.join(work, "nbdkit.log"))
     return proc, port, "flood"
-
-
-def stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def server_pid(proc):
@@ -175,12 +125,12 @@ def server_pid(proc):
 
 
 def flood(args, port, export, bs, depth, work):
+    """Starts fio in the background (the caller samples the server meanwhile)."""
     out = os.path.join(work, "fio.json")
-    cmd = ["fio", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/{export}", "--name=flood",
-           "--rw=randwrite", f"--bs={bs}", f"--iodepth={depth}", "--numjobs=4", "--group_reporting",
-           "--time_based", f"--runtime={args.runtime}", f"--size={args.volume_size}",
-           "--output-format=json", f"--output={out}"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work)
+    cmd = fio_nbd_cmd("flood", f"nbd://127.0.0.1:{port}/{export}", out, args.runtime,
+                      "randwrite", bs, depth, numjobs=4, norandommap=False,
+                      extra=[f"--size={args.volume_size}"])
+    return Proc(cmd, os.path.join(work, "fio.log"))
 
 
 def run_case(args, server, bs, depth, throttle):
@@ -192,7 +142,7 @@ def run_case(args, server, bs, depth, throttle):
         if server == "nbdraid":
             proc, port, export = start_node(args, work, bs, throttle, cg)
         else:
-            proc, port, export = start_nbdkit(args, work, cg)
+            proc, port, export = start_delayed_nbdkit(args, work, cg)
         pid = server_pid(proc)
         time.sleep(0.5)
         idle = status_kib(pid, "VmRSS:") or 0
@@ -200,25 +150,20 @@ def run_case(args, server, bs, depth, throttle):
         peak_rss = idle
         died = False
         deadline = time.time() + args.runtime + 120
-        while fio.poll() is None and time.time() < deadline:
+        while fio.running() and time.time() < deadline:
             v = status_kib(pid, "VmHWM:")
-            if v is None or proc.poll() is not None:
+            if v is None or not proc.running():
                 died = True
                 break
             peak_rss = max(peak_rss, v)
             time.sleep(0.1)
-        if fio.poll() is None:
-            fio.kill()
-        fio.wait()
-        if proc.poll() is not None:
+        fio.stop()
+        if not proc.running():
             died = True
         ios = None
         try:
-            with open(os.path.join(work, "fio.json")) as f:
-                text = f.read()
-            j = json.loads(text[text.index("{"):])
-            ios = j["jobs"][0]["write"]["total_ios"]
-        except (OSError, ValueError, KeyError, IndexError):
+            ios = read_fio_job(os.path.join(work, "fio.json"))["write"]["total_ios"]
+        except (OSError, ValueError, KeyError):
             pass
         result = {
             "server": server, "throttle": throttle if server == "nbdraid" else None,
@@ -228,9 +173,10 @@ def run_case(args, server, bs, depth, throttle):
         if cg:
             result["cgroup_peak_mib"] = cg.peak() / (1 << 20)
             result["hit_limit"] = cg.failcnt() > 0 or cg.oom_killed() or died
-        stop(proc)
+        proc.stop()
         return result
     finally:
+        Proc.stop_all()
         if cg:
             cg.remove()
         shutil.rmtree(work, ignore_errors=True)
@@ -259,15 +205,20 @@ def main():
     results = []
     print(f"flood: 4 fio connections, random writes, {args.runtime}s; storage delay {args.delay_ms} ms/write; "
           f"node throttle capacity {args.capacity}; cgroup limit {args.limit} for unthrottled runs", flush=True)
-    for server, bs, depth, throttle in cases:
-        r = run_case(args, server, bs, depth, throttle)
-        results.append(r)
-        label = server if server != "nbdraid" else f"nbdraid-node throttle {'on' if throttle else 'off'}"
-        peak = f"{r['peak_rss_mib']:.0f} MiB"
-        if r.get("hit_limit"):
-            peak += f" (hit the {args.limit} limit)"
-        print(f"  {label:<28} bs={bs:<4} QD{depth:<4} idle {r['idle_rss_mib']:.0f} MiB  peak RSS {peak:<28}"
-              f" writes {r['writes']}", flush=True)
+    raise_on_signals()  # run_case stops its processes and removes its cgroup on the way out
+    try:
+        for server, bs, depth, throttle in cases:
+            r = run_case(args, server, bs, depth, throttle)
+            results.append(r)
+            label = server if server != "nbdraid" else f"nbdraid-node throttle {'on' if throttle else 'off'}"
+            peak = f"{r['peak_rss_mib']:.0f} MiB"
+            if r.get("hit_limit"):
+                peak += f" (hit the {args.limit} limit)"
+            print(f"  {label:<28} bs={bs:<4} QD{depth:<4} idle {r['idle_rss_mib']:.0f} MiB  peak RSS {peak:<28}"
+                  f" writes {r['writes']}", flush=True)
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e}); servers stopped")
+        sys.exit(130)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

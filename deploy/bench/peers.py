@@ -43,58 +43,28 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (CLK_TCK, KIB, Proc, busy_cores, fill_random, fio_nbd_cmd,  # noqa: E402
+                      first_line, fmt_k, free_port, git_state, log, log_tail, parse_size,
+                      proc_comm, raise_on_signals, run_child, run_fio_json, self_cpu,
+                      start_nbdkit, start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks,
+                      wait_no_children, wait_quiet)
+
 EXPORT = "bench"
 PEERS = ("nbd-server", "nbdkit", "qemu-nbd")
 NBDRAID = "nbdraid"
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def parse_size(text):
-    """Parses '1G', '512M', '4096' (binary suffixes) into bytes."""
-    text = text.strip()
-    mult = {"K": KIB, "M": MIB, "G": GIB, "T": GIB * 1024}
-    if text[-1:].upper() in mult:
-        return int(float(text[:-1]) * mult[text[-1].upper()])
-    return int(text)
-
-
 # --------------------------------------------------------------------------
 # The matrix
-
-
-def wait_ready_file(proc, ready, logpath, timeout=60):
-    """Waits for nbdraid-node's --ready-file and checks it names the process we started."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if not proc.running():
-            raise RuntimeError(f"nbdraid-node exited: {log_tail(logpath)}")
-        try:
-            with open(ready) as f:
-                info = json.load(f)
-            break
-        except (OSError, ValueError):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nbdraid-node wrote no ready file in {timeout}s")
-            time.sleep(0.02)
-    if int(info["pid"]) != proc.pid:
-        raise RuntimeError(f"ready file pid {info['pid']} != started pid {proc.pid}")
-    return info
 
 
 class Row:
@@ -127,205 +97,6 @@ ROWS = [
         kind="nbdcopy", ratio="tput"),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
-
-
-# --------------------------------------------------------------------------
-# /proc helpers
-
-
-def proc_stat(pid):
-    """Returns the fields of /proc/PID/stat after the comm, or None if gone.
-
-    Index 0 is field 3 (state); field N of proc(5) is index N - 3."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return s[s.rindex(")") + 2:].split()
-
-
-def proc_comm(pid):
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def start_time(pid):
-    st = proc_stat(pid)
-    return int(st[19]) if st else None
-
-
-def alive(pid, starttime):
-    st = proc_stat(pid)
-    return st is not None and int(st[19]) == starttime and st[0] not in ("Z", "X")
-
-
-def descendants(pid):
-    """PIDs of all live descendants of pid (zombies included)."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            st = proc_stat(d)
-            if st:
-                children.setdefault(int(st[1]), []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def tree_cpu_ticks(pid):
-    """utime+stime+cutime+cstime summed over pid and its live descendants.
-
-    A reaped child's time sits in its parent's cutime/cstime, a live one's
-    in its own fields: the sum is the whole tree's CPU, counted once, as
-    long as no child is reaped between the reads (callers sample only when
-    the server has no children)."""
-    total = 0
-    for p in [pid] + descendants(pid):
-        st = proc_stat(p)
-        if st:
-            total += sum(int(x) for x in st[11:15])
-    return total
-
-
-def wait_no_children(pid, timeout):
-    deadline = time.monotonic() + timeout
-    while descendants(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def sys_cpu():
-    """(monotonic time, {cpu name: (idle+iowait ticks, steal ticks)}).
-
-    Busy time is derived from idle time: with tick-based accounting and
-    NO_HZ (this kernel) the idle/iowait fields are exact while user/system
-    are sampled at the tick, which under-counts processes that sleep and
-    wake thousands of times a second (at QD1 by ~0.2 cores here)."""
-    out = {}
-    with open("/proc/stat") as f:
-        t = time.monotonic()
-        for line in f:
-            if not line.startswith("cpu"):
-                break
-            name, *v = line.split()
-            out[name] = (int(v[3]) + int(v[4]), int(v[7]))
-    return t, out
-
-
-def busy_cores(a, b):
-    """Average busy cores per CPU name between two sys_cpu() samples."""
-    (ta, sa), (tb, sb) = a, b
-    wall = tb - ta
-    ncpu = sum(1 for k in sa if k != "cpu")
-    out = {}
-    for k in sb:
-        n = ncpu if k == "cpu" else 1
-        out[k] = n - (sb[k][0] - sa[k][0]) / CLK_TCK / wall
-    out["steal"] = (sb["cpu"][1] - sa["cpu"][1]) / CLK_TCK / wall
-    return out
-
-
-def self_cpu():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-# --------------------------------------------------------------------------
-# Processes we start
-
-
-class Proc:
-    """A process this script started, stopped only by its PID."""
-
-    registry = []
-
-    def __init__(self, cmd, logpath, popen=None):
-        self.cmd, self.logpath = cmd, logpath
-        if popen is None:
-            with open(logpath, "ab") as logf:
-                popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.popen = popen
-        self.pid = popen.pid
-        self.starttime = start_time(self.pid)
-        Proc.registry.append(self)
-
-    @classmethod
-    def adopt(cls, pid, cmd, logpath):
-        """Tracks a process that daemonized (not our child)."""
-        self = cls.__new__(cls)
-        self.cmd, self.logpath, self.popen, self.pid = cmd, logpath, None, pid
-        self.starttime = start_time(pid)
-        cls.registry.append(self)
-        return self
-
-    def running(self):
-        if self.popen is not None and self.popen.poll() is not None:
-            return False
-        return self.starttime is not None and alive(self.pid, self.starttime)
-
-    def stop(self, timeout=15.0):
-        """SIGTERM, bounded wait, SIGKILL; also kills descendants left over."""
-        if self in Proc.registry:
-            Proc.registry.remove(self)
-        if self.starttime is None:
-            return
-        kids = [(k, start_time(k)) for k in descendants(self.pid)]
-        if self.running():
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + timeout
-            while self.running() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if self.running():
-                log(f"  {self.cmd[0]} pid {self.pid} ignored SIGTERM; SIGKILL")
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if self.popen is not None:
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                log(f"  pid {self.pid} not reaped after SIGKILL")
-        for k, st in kids:
-            if st is not None and alive(k, st):
-                try:
-                    os.kill(k, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    @classmethod
-    def stop_all(cls):
-        for p in list(cls.registry):
-            p.stop(timeout=5)
-
-
-def log_tail(path, n=15):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-def free_port():
-    """A port that is free now (bound and released; servers that can't bind
-    it fail to start and are retried on another one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def probe_size(uri, timeout):
@@ -370,7 +141,7 @@ class Server:
         return os.path.join(self.ctx.workdir, f"{self.name.replace(':', '_')}.log")
 
     def pin(self):
-        return ["taskset", "-c", self.ctx.server_cpus] if self.ctx.server_cpus else []
+        return taskset(self.ctx.server_cpus)
 
     def start(self):
         err = None
@@ -404,10 +175,8 @@ class Nbdkit(Server):
     base = "nbdkit"
 
     def _start(self):
-        self.port = free_port()
-        cmd = self.pin() + ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port),
-                            "-e", EXPORT, "file", f"file={self.ctx.backing}"]
-        self.proc = Proc(cmd, self.logpath())  # start_new_session = setsid
+        self.proc, self.port = start_nbdkit(
+            self.pin(), ["-e", EXPORT, "file", f"file={self.ctx.backing}"], self.logpath())
 
 
 class QemuNbd(Server):
@@ -470,14 +239,11 @@ class Nbdraid(Server):
 
     def _start(self):
         ready = os.path.join(self.ctx.workdir, "node.ready")
-        if os.path.exists(ready):
-            os.unlink(ready)
         cmd = self.pin() + [self.ctx.node_bin, "--listen", "127.0.0.1:0",
                             "--data-dir", self.ctx.data_dir,
                             "--volume", f"{EXPORT}:{self.ctx.size_spec}",
                             "--ready-file", ready] + self.ctx.node_args + self.extra
-        self.proc = Proc(cmd, self.logpath())
-        info = wait_ready_file(self.proc, ready, self.logpath())
+        self.proc, info = start_with_ready_file(cmd, ready, self.logpath())
         host, port = info["nbd"].rsplit(":", 1)
         if host != "127.0.0.1":
             raise RuntimeError(f"nbdraid-node listens on {info['nbd']}")
@@ -509,59 +275,17 @@ def make_servers(ctx, names, variants):
 # Loads
 
 
-def run_child(cmd, timeout):
-    """Runs cmd to completion; returns (exit status, its rusage CPU seconds
-    including its reaped children, e.g. fio's job processes)."""
-    out = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child can't block
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    proc = Proc(cmd, None, popen=p)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-            if pid == p.pid:
-                p.returncode = os.waitstatus_to_exitcode(status)
-                out.seek(0)
-                return p.returncode, ru.ru_utime + ru.ru_stime, out.read().decode(errors="replace")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[0]} still running after {timeout:.0f}s")
-            time.sleep(0.05)
-    finally:
-        out.close()
-        if p.returncode is None:
-            proc.stop(timeout=5)
-        elif proc in Proc.registry:
-            Proc.registry.remove(proc)
-
-
 def fio_cmd(ctx, row, uri, out):
     f = row.fio
-    cmd = ["fio", f"--name={row.name}", "--ioengine=nbd", f"--uri={uri}",
-           f"--rw={f['rw']}", f"--bs={f['bs']}", f"--iodepth={f['iodepth']}",
-           f"--numjobs={f.get('numjobs', 1)}", "--group_reporting", "--time_based",
-           f"--runtime={int(ctx.runtime * 1000)}ms", "--norandommap",
-           "--output-format=json", f"--output={out}"]
-    if "rwmixread" in f:
-        cmd.append(f"--rwmixread={f['rwmixread']}")
-    return cmd
+    extra = [f"--rwmixread={f['rwmixread']}"] if "rwmixread" in f else []
+    return fio_nbd_cmd(row.name, uri, out, ctx.runtime, f["rw"], f["bs"], f["iodepth"],
+                       numjobs=f.get("numjobs", 1), extra=extra)
 
 
 def run_fio(ctx, row, srv):
     out = os.path.join(ctx.workdir, "fio.json")
-    if os.path.exists(out):
-        os.unlink(out)
     cmd = ctx.client_pin() + fio_cmd(ctx, row, srv.uri, out)
-    rc, cpu, text = run_child(cmd, ctx.runtime + 60)
-    try:
-        with open(out) as f:
-            raw = f.read()
-        data = json.loads(raw[raw.index("{"):])
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"fio exit {rc}, no JSON ({e}): {text[-500:]}")
-    job = data["jobs"][0]
-    if rc != 0 or job.get("error"):
-        raise RuntimeError(f"fio exit {rc}, error {job.get('error')}: {text[-500:]}")
+    job, cpu, _ = run_fio_json(cmd, out, ctx.runtime + 60)
     res = {"ios": 0, "iops": 0.0, "bytes_per_s": 0.0, "client_cpu_s": cpu, "cmd": cmd}
     for d in ("read", "write"):
         s = job[d]
@@ -599,26 +323,6 @@ def run_nbdcopy(ctx, row, srv):
 
 # --------------------------------------------------------------------------
 # One measurement
-
-
-def wait_quiet(ctx):
-    """Waits (bounded) until the machine's busy CPU is below --max-other."""
-    deadline = time.monotonic() + ctx.quiet_timeout
-    waited, next_log = 0.0, 10.0
-    while True:
-        a = sys_cpu()
-        time.sleep(ctx.quiet_sample)
-        b = sys_cpu()
-        cores, t1 = busy_cores(a, b)["cpu"], b[0]
-        if cores <= ctx.max_other:
-            return waited
-        if t1 > deadline:
-            log(f"  machine still busy ({cores:.2f} cores) after {waited:.0f}s; measuring anyway")
-            return waited
-        waited += t1 - a[0]
-        if waited >= next_log:
-            log(f"  waiting {waited:.0f}s for a quiet machine ({cores:.2f} cores busy)")
-            next_log += 10
 
 
 def measure(ctx, row, srv):
@@ -680,12 +384,6 @@ def run_cell(ctx, row, srv, pass_no):
 
 # --------------------------------------------------------------------------
 # Summaries and output
-
-
-def fmt_k(x):
-    if x is None:
-        return "-"
-    return f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:.0f}"
 
 
 def median_of(passes, key):
@@ -791,16 +489,6 @@ def print_summary(results, servers):
         print(f"{rowname:<22}" + "".join(cells))
 
 
-def first_line(cmd):
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        if r.returncode != 0:
-            return f"unknown ({' '.join(cmd)} exited {r.returncode})"
-        return (r.stdout + r.stderr).strip().splitlines()[0]
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        return "unavailable"
-
-
 def environment(ctx, servers):
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -830,10 +518,7 @@ def environment(ctx, servers):
         if os.path.realpath(ctx.node_bin_source).startswith(os.path.realpath(root) + os.sep):
             # Built from this tree: the commit checked out now (the binary may be older:
             # compare its mtime), and whether the node sources have local edits.
-            head = first_line(["git", "-C", root, "rev-parse", "--short", "HEAD"])
-            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "nbd-server",
-                                    "proto", "Cargo.toml", "Cargo.lock"],
-                                   capture_output=True, text=True).stdout.strip()
+            head, dirty = git_state(root, ["nbd-server", "proto", "Cargo.toml", "Cargo.lock"])
             env["repo-head-at-run"] = head + (" + uncommitted node changes" if dirty else "")
     return env
 
@@ -864,15 +549,7 @@ def prepare_backing(ctx, servers):
         sys.exit(f"{ctx.backing} is {os.path.getsize(ctx.backing)} bytes, want {ctx.size}")
     log(f"filling {ctx.backing} with {ctx.size >> 20} MiB of random data")
     t = time.monotonic()
-    fd = os.open(ctx.backing, os.O_WRONLY)  # in place: no O_TRUNC, size unchanged
-    try:
-        chunk, off = 16 * MIB, 0
-        while off < ctx.size:
-            n = min(chunk, ctx.size - off)
-            os.pwrite(fd, os.urandom(n), off)
-            off += n
-    finally:
-        os.close(fd)
+    fill_random(ctx.backing, ctx.size)  # in place: size and file unchanged
     assert os.path.getsize(ctx.backing) == ctx.size
     log(f"  filled in {time.monotonic() - t:.1f}s")
 
@@ -883,7 +560,7 @@ def prepare_backing(ctx, servers):
 
 class Ctx:
     def client_pin(self):
-        return ["taskset", "-c", self.client_cpus] if self.client_cpus else []
+        return taskset(self.client_cpus)
 
 
 def parse_args(argv):
@@ -976,12 +653,7 @@ def main(argv):
         ctx.node_bin = os.path.join(ctx.workdir, "nbdraid-node")
         shutil.copy2(ctx.node_bin_source, ctx.node_bin)
 
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and
-    # Python then installs no KeyboardInterrupt handler of its own.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    raise_on_signals()
 
     results = {}
     config = {

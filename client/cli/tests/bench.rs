@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use nbdraid_harness::{Node, Peer};
 use serde_json::Value;
 
 fn bench(uri: &str, extra: &[&str]) -> Value {
@@ -33,12 +34,11 @@ fn assert_verified(v: &Value) {
 
 #[test]
 fn mix_verify_nbdkit() {
-    if !have("nbdkit") {
+    let Some(srv) = Peer::nbdkit_memory("mix_verify_nbdkit", 64 << 20, &[]) else {
         return;
-    }
-    let srv = Nbdkit::memory("64M");
+    };
     let v = bench(
-        &srv.uri(),
+        &srv.uri(""),
         &[
             "-d",
             "1s",
@@ -117,15 +117,14 @@ fn mix_verify_node_multi_conn_threads() {
 
 #[test]
 fn ops_limit_and_text_output() {
-    if !have("nbdkit") {
+    let Some(srv) = Peer::nbdkit_memory("ops_limit_and_text_output", 64 << 20, &[]) else {
         return;
-    }
-    let srv = Nbdkit::memory("64M");
-    let v = bench(&srv.uri(), &["--ops", "1000", "--rw", "read"]);
+    };
+    let v = bench(&srv.uri(""), &["--ops", "1000", "--rw", "read"]);
     assert_eq!(v["ops"], 1000);
     assert_eq!(v["reads"], 1000);
     let v = bench(
-        &srv.uri(),
+        &srv.uri(""),
         &["--ops", "999", "--queue-low", "8", "--rw", "write"],
     );
     assert_eq!(v["ops"], 999);
@@ -140,7 +139,7 @@ fn ops_limit_and_text_output() {
         "1M",
         "-b",
         "512",
-        &srv.uri(),
+        &srv.uri(""),
     ]);
     for want in ["IOPS", "p99", "us per I/O", "ops         500"] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");

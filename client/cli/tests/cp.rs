@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use nbdraid_harness::{Node, Peer, TempDir, assert_files_equal};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -35,7 +36,7 @@ fn round_trip(uri: &str, extra: &[&str]) {
     from.extend_from_slice(extra);
     let summary = ok(&from);
     assert!(summary.contains("copied 1.0 GiB"), "{summary}");
-    assert_same_content(&src, &back);
+    assert_files_equal(&src, &back);
     let alloc = allocated(&back);
     assert!(
         alloc < 64 * MIB,
@@ -45,11 +46,10 @@ fn round_trip(uri: &str, extra: &[&str]) {
 
 #[test]
 fn sparse_1g_round_trip_nbdkit() {
-    if !have("nbdkit") {
+    let Some(srv) = Peer::nbdkit_memory("sparse_1g_round_trip_nbdkit", GIB, &[]) else {
         return;
-    }
-    let srv = Nbdkit::memory("1G");
-    round_trip(&srv.uri(), &[]);
+    };
+    round_trip(&srv.uri(""), &[]);
 }
 
 #[test]
@@ -91,15 +91,14 @@ fn stale_destination_is_overwritten() {
     );
     ok(&["cp", "--quiet", src.to_str().unwrap(), &uri]);
     ok(&["cp", "--quiet", &uri, back.to_str().unwrap()]);
-    assert_same_content(&src, &back);
+    assert_files_equal(&src, &back);
 }
 
 #[test]
 fn nbd_to_nbd() {
-    if !have("nbdkit") {
+    let Some(a) = Peer::nbdkit_memory("nbd_to_nbd", 64 * MIB, &[]) else {
         return;
-    }
-    let a = Nbdkit::memory("64M");
+    };
     let node = Node::start(&["vol0:64M"]);
     let dir = TempDir::new().unwrap();
     let (src, back) = (dir.path().join("src.img"), dir.path().join("back.img"));
@@ -113,20 +112,19 @@ fn nbd_to_nbd() {
         ],
         3,
     );
-    ok(&["cp", "--quiet", src.to_str().unwrap(), &a.uri()]);
-    ok(&["cp", "--quiet", "-b", "256k", &a.uri(), &node.uri("vol0")]);
+    ok(&["cp", "--quiet", src.to_str().unwrap(), &a.uri("")]);
+    ok(&["cp", "--quiet", "-b", "256k", &a.uri(""), &node.uri("vol0")]);
     ok(&["cp", "--quiet", &node.uri("vol0"), back.to_str().unwrap()]);
-    assert_same_content(&src, &back);
+    assert_files_equal(&src, &back);
 }
 
 /// Explicitly written zeroes are found and sent as zero ranges.
 #[test]
 fn zero_blocks_are_detected() {
-    if !have("nbdkit") {
-        return;
-    }
     use std::os::unix::fs::FileExt;
-    let srv = Nbdkit::memory("64M");
+    let Some(srv) = Peer::nbdkit_memory("zero_blocks_are_detected", 64 * MIB, &[]) else {
+        return;
+    };
     let dir = TempDir::new().unwrap();
     let src = dir.path().join("src.img");
     sparse_file(&src, 64 * MIB, &[(32 * MIB, MIB as usize)], 4);
@@ -134,13 +132,13 @@ fn zero_blocks_are_detected() {
     f.write_all_at(&vec![0u8; 8 * MIB as usize], 16 * MIB)
         .unwrap();
     f.sync_all().unwrap();
-    let summary = ok(&["cp", src.to_str().unwrap(), &srv.uri()]);
+    let summary = ok(&["cp", src.to_str().unwrap(), &srv.uri("")]);
     assert!(
         summary.contains("(8.0 MiB of it detected in data)"),
         "{summary}"
     );
     let info: serde_json::Value =
-        serde_json::from_str(&ok(&["info", "--json", &srv.uri()])).unwrap();
+        serde_json::from_str(&ok(&["info", "--json", &srv.uri("")])).unwrap();
     assert_eq!(info["allocation"]["data"].as_u64(), Some(MIB), "{info}");
 }
 
@@ -157,7 +155,7 @@ fn local_to_local_keeps_holes() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/256.00 MiB"), "no progress lines: {err:?}");
-    assert_same_content(&src, &dst);
+    assert_files_equal(&src, &dst);
     assert!(allocated(&dst) < 16 * MIB);
     // --quiet: nothing at all.
     let out = nbdraid(&["cp", "--quiet", s, d]);

@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use nbdraid_harness::{Node, Peer, TempDir};
 
 #[test]
 fn bad_uris() {
@@ -60,49 +61,50 @@ fn missing_source_file() {
 
 #[test]
 fn read_only_destination() {
-    if !have("nbdkit") {
+    let Some(srv) = Peer::nbdkit("read_only_destination", &["-r", "memory", "size=16M"]) else {
         return;
-    }
-    let srv = Nbdkit::start(&["-r", "memory", "size=16M"]);
-    let e = fails(&["cp", "/dev/null", &srv.uri()]);
+    };
+    let e = fails(&["cp", "/dev/null", &srv.uri("")]);
     assert!(e.contains("read-only"), "{e}");
-    let e = fails(&["bench", "--rw", "write", "-d", "1s", &srv.uri()]);
+    let e = fails(&["bench", "--rw", "write", "-d", "1s", &srv.uri("")]);
     assert!(e.contains("read-only"), "{e}");
 }
 
 #[test]
 fn server_io_errors_fail_the_command() {
-    if !have("nbdkit") {
-        return;
-    }
     // A fresh server per command: nbdkit 1.32 can abort when a client
     // drops a connection with replies in flight, which these failures do.
     let failing = || {
-        Nbdkit::start(&[
-            "--filter=error",
-            "memory",
-            "size=16M",
-            "error=EIO",
-            "error-pwrite-rate=100%",
-            "error-pread-rate=100%",
-        ])
+        Peer::nbdkit(
+            "server_io_errors_fail_the_command",
+            &[
+                "--filter=error",
+                "memory",
+                "size=16M",
+                "error=EIO",
+                "error-pwrite-rate=100%",
+                "error-pread-rate=100%",
+            ],
+        )
     };
     let dir = TempDir::new().unwrap();
     let src = dir.path().join("src.img");
     sparse_file(&src, 16 << 20, &[(0, 1 << 20)], 1);
-    let srv = failing();
-    let e = fails(&["cp", src.to_str().unwrap(), &srv.uri()]);
+    let Some(srv) = failing() else {
+        return;
+    };
+    let e = fails(&["cp", src.to_str().unwrap(), &srv.uri("")]);
     assert!(e.contains("EIO"), "{e}");
-    let srv = failing();
+    let srv = failing().unwrap();
     let e = fails(&[
         "cp",
         "--no-sparse",
-        &srv.uri(),
+        &srv.uri(""),
         dir.path().join("out").to_str().unwrap(),
     ]);
     assert!(e.contains("EIO"), "{e}");
-    let srv = failing();
-    let e = fails(&["bench", "-d", "1s", &srv.uri()]);
+    let srv = failing().unwrap();
+    let e = fails(&["bench", "-d", "1s", &srv.uri("")]);
     assert!(e.contains("EIO"), "{e}");
 }
 

@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use nbdraid_harness::{Node, Peer, TempDir};
 use serde_json::Value;
 
 fn info_json(uri: &str, extra: &[&str]) -> Value {
@@ -17,11 +18,10 @@ fn info_json(uri: &str, extra: &[&str]) -> Value {
 
 #[test]
 fn nbdkit_memory_text_and_json() {
-    if !have("nbdkit") {
+    let Some(srv) = Peer::nbdkit_memory("nbdkit_memory_text_and_json", 1 << 30, &[]) else {
         return;
-    }
-    let srv = Nbdkit::memory("1G");
-    let text = ok(&["info", &srv.uri()]);
+    };
+    let text = ok(&["info", &srv.uri("")]);
     for want in [
         "size:               1073741824 (1.0 GiB)",
         "multi-conn",
@@ -33,7 +33,7 @@ fn nbdkit_memory_text_and_json() {
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
-    let v = info_json(&srv.uri(), &[]);
+    let v = info_json(&srv.uri(""), &[]);
     assert_eq!(v["size"], 1u64 << 30);
     assert_eq!(v["flags"]["read-only"], false);
     assert_eq!(v["flags"]["flush"], true);
@@ -46,19 +46,18 @@ fn nbdkit_memory_text_and_json() {
     assert_eq!(v["allocation"]["complete"], true);
     assert_eq!(v["allocation"]["data"], 0);
     assert_eq!(v["allocation"]["zero"], 1u64 << 30);
-    let none = info_json(&srv.uri(), &["--no-map"]);
+    let none = info_json(&srv.uri(""), &["--no-map"]);
     assert!(none["allocation"].is_null());
 }
 
 #[test]
 fn read_only_export() {
-    if !have("nbdkit") {
+    let Some(srv) = Peer::nbdkit("read_only_export", &["-r", "memory", "size=16M"]) else {
         return;
-    }
-    let srv = Nbdkit::start(&["-r", "memory", "size=16M"]);
-    let v = info_json(&srv.uri(), &[]);
+    };
+    let v = info_json(&srv.uri(""), &[]);
     assert_eq!(v["flags"]["read-only"], true);
-    assert!(ok(&["info", &srv.uri()]).contains("flags:              read-only"));
+    assert!(ok(&["info", &srv.uri("")]).contains("flags:              read-only"));
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use tempfile::TempDir;
@@ -37,24 +38,45 @@ pub fn write_pattern_file(path: &Path, seed: u64, len: usize) {
 }
 
 /// Compare two files byte for byte; on mismatch, panic naming the first differing offset.
+/// Reads both in 4 MiB chunks, so gigabyte (sparse) files cost no more memory than small ones.
 pub fn assert_files_equal(a: &Path, b: &Path) {
-    let da = fs::read(a).unwrap_or_else(|e| panic!("read {}: {e}", a.display()));
-    let db = fs::read(b).unwrap_or_else(|e| panic!("read {}: {e}", b.display()));
+    let open = |p: &Path| fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let (fa, fb) = (open(a), open(b));
+    let len = |f: &fs::File, p: &Path| {
+        f.metadata()
+            .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+            .len()
+    };
+    let size = len(&fa, a);
     assert_eq!(
-        da.len(),
-        db.len(),
+        size,
+        len(&fb, b),
         "{} and {} differ in length",
         a.display(),
         b.display()
     );
-    if let Some(i) = da.iter().zip(&db).position(|(x, y)| x != y) {
-        panic!(
-            "{} and {} differ first at byte {i} ({:#04x} vs {:#04x})",
-            a.display(),
-            b.display(),
-            da[i],
-            db[i]
-        );
+    const CHUNK: u64 = 4 << 20;
+    let (mut ba, mut bb) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(CHUNK) as usize;
+        let read = |f: &fs::File, buf: &mut [u8], p: &Path| {
+            f.read_exact_at(buf, off)
+                .unwrap_or_else(|e| panic!("read {} at {off}: {e}", p.display()))
+        };
+        read(&fa, &mut ba[..n], a);
+        read(&fb, &mut bb[..n], b);
+        if let Some(i) = first_difference(&ba[..n], &bb[..n]) {
+            panic!(
+                "{} and {} differ first at byte {} ({:#04x} vs {:#04x})",
+                a.display(),
+                b.display(),
+                off + i as u64,
+                ba[i],
+                bb[i]
+            );
+        }
+        off += n as u64;
     }
 }
 

@@ -412,6 +412,13 @@ impl Node {
         }
     }
 
+    /// Stops the daemon with SIGSTOP: it accepts and answers nothing until
+    /// it is killed (a peer that hangs, as opposed to one that is gone).
+    pub fn freeze(&self) {
+        // SAFETY: plain syscall on the PID of the child this harness spawned and has not reaped.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGSTOP) };
+    }
+
     /// SIGKILL the daemon and reap it.
     pub fn kill9(&mut self) -> ExitStatus {
         self.signal_and_wait(libc::SIGKILL, hang(30))

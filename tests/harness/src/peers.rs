@@ -269,6 +269,11 @@ impl Peer {
         format!("127.0.0.1:{}", self.server.port)
     }
 
+    /// Returns `nbd://127.0.0.1:PORT/EXPORT` (nbdkit's export is "").
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.addr())
+    }
+
     /// Returns the port.
     pub fn port(&self) -> u16 {
         self.server.port
