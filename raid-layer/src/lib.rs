@@ -10,7 +10,13 @@
 //! - [`gf`]: GF(2^8) with md's field, and the vector slice kernels.
 //! - [`parity`]: P/Q generation, delta updates, reconstruction, scrub checks.
 //! - [`layout`]: md-compatible geometry, array bytes to member bytes.
+//! - [`grpc`]: the `Array` admin service; [`config`], [`store`] and
+//!   [`daemon`]: the array daemon `nbdraid-array` around the manager.
 
+pub mod config;
+pub mod daemon;
 pub mod gf;
+pub mod grpc;
 pub mod layout;
 pub mod parity;
+pub mod store;
