@@ -1,19 +1,38 @@
 //! The array daemon's arrays: assembled or created from specs, served as
-//! exports, with their background work (resync, bitmap sweeps, clean
-//! marks), and the admin operations of [`ArrayAdmin`].
+//! exports, with their background work, and the admin operations of
+//! [`ArrayAdmin`].
+//!
+//! Per array, one housekeeping task: marks the array clean when idle
+//! (md's safe mode), clears idle bitmap regions, and re-adds a failed
+//! member that comes back when its superblock shows it only missed what
+//! the bitmap covers (its own events are at most one behind the event
+//! that recorded its failure; the bitmap is never cleared while degraded,
+//! so every region written since is marked). A resync of the dirty regions
+//! after an unclean shutdown, a recovery of a re-added member, and a check
+//! run as their own tasks; status shows their progress.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use nbdraid_client::{Client, IoBuf};
 use nbdraid_engine::buffer::BufferPool;
 use nbdraid_engine::cost::SharedCostModel;
 use nbdraid_engine::server::Exports;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use crate::api::{AdminError, ArrayAdmin, ArraySpec, ArrayStatus, CheckReport};
-use crate::array::Array;
+use crate::api::{
+    AdminError, ArrayAdmin, ArraySpec, ArrayState, ArrayStatus, CheckReport, MemberStatus,
+};
+use crate::array::{Array, ArrayInner};
+use crate::assemble::assemble;
+use crate::member::{MemberState, member_client_config};
+use crate::meta::{SB_SLOT_SIZE, SbRead, read_copies, superblock};
+use crate::sync::{Pacer, Pass, Tally};
 
 /// Tunables every array of a daemon shares.
 #[derive(Debug, Clone)]
@@ -66,6 +85,31 @@ pub trait ArrayStore: Send + Sync + 'static {
     fn remove(&self, name: &str) -> Result<(), AdminError>;
 }
 
+/// One served array and its background work.
+struct Entry {
+    array: Array,
+    spec: ArraySpec,
+    stop: CancellationToken,
+    /// The running (or last) resync or recovery.
+    sync: Mutex<Option<Arc<Tally>>>,
+    /// The running (or last) check.
+    check: Mutex<Option<Arc<Tally>>>,
+    /// Slots being recovered (no second recovery of the same slot).
+    recovering: Mutex<Vec<usize>>,
+    /// When an automatic re-add of a slot last failed (back off).
+    readd_backoff: Mutex<BTreeMap<usize, Instant>>,
+}
+
+impl Entry {
+    fn inner(&self) -> &Arc<ArrayInner> {
+        self.array.inner()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The daemon's arrays.
 pub struct Manager {
     settings: ManagerSettings,
@@ -73,7 +117,12 @@ pub struct Manager {
     pool: Arc<BufferPool>,
     model: SharedCostModel,
     store: Arc<dyn ArrayStore>,
-    arrays: Mutex<BTreeMap<String, Array>>,
+    arrays: Mutex<BTreeMap<String, Arc<Entry>>>,
+    /// Creates and assemblies one at a time (member-conflict checks).
+    creating: tokio::sync::Mutex<()>,
+    stop: CancellationToken,
+    /// This manager, for the tasks it spawns.
+    me: std::sync::Weak<Manager>,
 }
 
 impl Manager {
@@ -86,64 +135,549 @@ impl Manager {
         model: SharedCostModel,
         store: Arc<dyn ArrayStore>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             settings,
             exports,
             pool,
             model,
             store,
             arrays: Mutex::new(BTreeMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+            stop: CancellationToken::new(),
+            me: me.clone(),
         })
     }
 
     /// Assembles every array in the state store and every configured one
     /// (creating those whose members are blank). An array that cannot be
     /// assembled is logged with the reason and left out; the others serve.
+    /// Errors name the arrays left out and why.
     pub async fn start(&self, configured: Vec<ArraySpec>) -> Result<(), AdminError> {
-        let _ = (
-            &self.settings,
-            &self.exports,
-            &self.pool,
-            &self.model,
-            &self.store,
-        );
-        let _ = configured;
-        Err(AdminError::Internal(
-            "array assembly is not wired yet".into(),
-        ))
+        let records = match self.store.list() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the array state store");
+                Vec::new()
+            }
+        };
+        let mut specs: BTreeMap<String, ArraySpec> = records
+            .iter()
+            .map(|r| (r.spec.name.clone(), r.spec.clone()))
+            .collect();
+        for s in configured {
+            specs.insert(s.name.clone(), s);
+        }
+        let mut errors = Vec::new();
+        for spec in specs.into_values() {
+            let name = spec.name.clone();
+            if let Err(e) = self.add(spec).await {
+                tracing::error!(array = %name, error = %e, "array not started");
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AdminError::Refused(errors.join("; ")))
+        }
     }
 
-    /// Marks every array clean (flushing members first) and stops its
-    /// background work; called at graceful shutdown.
+    /// Stops the background work, then marks every array clean (flushing
+    /// members first); called at graceful shutdown, after the engine has
+    /// stopped taking requests.
     pub async fn shutdown(&self) {
-        drop(self.arrays.lock().unwrap_or_else(|e| e.into_inner()));
+        self.stop.cancel();
+        let entries: Vec<Arc<Entry>> = lock(&self.arrays).values().cloned().collect();
+        for e in entries {
+            let inner = e.inner();
+            if inner.meta.mark_clean_if_idle(inner, Duration::ZERO).await {
+                tracing::info!(array = %inner.name, "array marked clean");
+            } else if !inner.meta.is_clean() {
+                tracing::warn!(array = %inner.name, "array left dirty (writes in flight, failed, or a member could not flush)");
+            }
+        }
+    }
+
+    fn expected_uuid(&self, name: &str) -> Option<Uuid> {
+        self.store
+            .list()
+            .ok()?
+            .into_iter()
+            .find(|r| r.spec.name == name)
+            .and_then(|r| r.uuid.parse().ok())
+    }
+
+    /// Assembles or creates `spec` and starts serving it.
+    async fn add(&self, spec: ArraySpec) -> Result<ArrayStatus, AdminError> {
+        crate::config::validate_spec(&spec)?;
+        let _one = self.creating.lock().await;
+        {
+            let arrays = lock(&self.arrays);
+            if arrays.contains_key(&spec.name) {
+                return Err(AdminError::Exists(spec.name.clone()));
+            }
+            for (other, e) in arrays.iter() {
+                if let Some(m) = spec.members.iter().find(|m| e.spec.members.contains(m)) {
+                    return Err(AdminError::Invalid(format!(
+                        "array {:?}: member {m} already belongs to array {other:?}",
+                        spec.name
+                    )));
+                }
+            }
+        }
+        let expected = self.expected_uuid(&spec.name);
+        let (array, notes) = assemble(
+            &spec,
+            expected,
+            &self.settings,
+            self.pool.clone(),
+            self.model.clone(),
+        )
+        .await?;
+        let uuid = array
+            .inner()
+            .meta
+            .snapshot()
+            .map(|sb| sb.array_uuid.to_string())
+            .unwrap_or_default();
+        let mut recorded = spec.clone();
+        recorded.force = false;
+        recorded.overwrite = false;
+        self.store.put(&ArrayRecord {
+            spec: recorded,
+            uuid,
+        })?;
+        let entry = Arc::new(Entry {
+            array: array.clone(),
+            spec: spec.clone(),
+            stop: self.stop.child_token(),
+            sync: Mutex::new(None),
+            check: Mutex::new(None),
+            recovering: Mutex::new(Vec::new()),
+            readd_backoff: Mutex::new(BTreeMap::new()),
+        });
+        self.exports.insert(&spec.name, Arc::new(array));
+        lock(&self.arrays).insert(spec.name.clone(), entry.clone());
+        tracing::info!(
+            array = %spec.name,
+            created = notes.created,
+            degraded = entry.inner().is_degraded(),
+            resync_regions = notes.resync_regions,
+            "array serving"
+        );
+        if notes.resync_regions > 0 {
+            self.spawn_resync(&entry);
+        }
+        self.spawn_housekeeping(&entry);
+        self.status_of(&entry)
+    }
+
+    fn entry(&self, name: &str) -> Result<Arc<Entry>, AdminError> {
+        lock(&self.arrays)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AdminError::UnknownArray(name.to_string()))
+    }
+
+    fn spawn_resync(&self, entry: &Arc<Entry>) {
+        let e = entry.clone();
+        let rate = self.settings.sync_rate;
+        tokio::spawn(async move {
+            let inner = e.inner().clone();
+            let (Some(set), Some(bitmap)) = (inner.meta.resync_set(), inner.meta.bitmap()) else {
+                return;
+            };
+            let region = bitmap.geometry().region;
+            let tally = Tally::new("resync", set.pending_count() * region);
+            *lock(&e.sync) = Some(tally.clone());
+            let mut pacer = Pacer::new(rate);
+            let mut next = set.next_pending(0);
+            while let Some(r) = next {
+                if e.stop.is_cancelled() {
+                    return;
+                }
+                let rows = r * region..(r + 1) * region;
+                if let Err(err) = inner
+                    .sync_rows(rows, Pass::Resync, &tally, &mut pacer)
+                    .await
+                {
+                    tracing::error!(array = %inner.name, error = %err, "resync stopped");
+                    return;
+                }
+                set.done(r);
+                next = set.next_pending(r + 1);
+            }
+            tally.finished.store(true, Ordering::Release);
+            tracing::info!(
+                array = %inner.name,
+                bytes = tally.done.load(Ordering::Relaxed),
+                written = tally.written.load(Ordering::Relaxed),
+                mismatches = tally.mismatches.load(Ordering::Relaxed),
+                secs = tally.started.elapsed().as_secs_f64(),
+                "resync finished"
+            );
+        });
+    }
+
+    fn spawn_housekeeping(&self, entry: &Arc<Entry>) {
+        let e = entry.clone();
+        let settings = self.settings.clone();
+        let manager = self.me.clone();
+        tokio::spawn(async move {
+            let inner = e.inner().clone();
+            let tick = (settings.safe_mode_delay / 2)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            let mut last_sweep = Instant::now();
+            let mut last_readd = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(tick) => {}
+                    _ = e.stop.cancelled() => return,
+                }
+                inner
+                    .meta
+                    .mark_clean_if_idle(&inner, settings.safe_mode_delay)
+                    .await;
+                if last_sweep.elapsed() >= settings.bitmap_idle / 2 {
+                    last_sweep = Instant::now();
+                    inner.meta.sweep_bitmap(&inner, settings.bitmap_idle).await;
+                }
+                if last_readd.elapsed() >= Duration::from_secs(2) {
+                    last_readd = Instant::now();
+                    let Some(m) = manager.upgrade() else { return };
+                    m.try_readd_all(&e).await;
+                }
+            }
+        });
+    }
+
+    /// Re-adds every failed member that came back, if the bitmap covers
+    /// what it missed.
+    async fn try_readd_all(&self, e: &Arc<Entry>) {
+        let inner = e.inner();
+        if inner.is_failed() {
+            return;
+        }
+        let slots: Vec<usize> = inner
+            .members
+            .iter()
+            .filter(|m| matches!(m.state(), MemberState::Faulty | MemberState::Missing))
+            .map(|m| m.slot)
+            .collect();
+        for slot in slots {
+            if lock(&e.readd_backoff)
+                .get(&slot)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+            {
+                continue;
+            }
+            match self.readd(e, slot, true).await {
+                Ok(()) => {}
+                Err(err) => {
+                    tracing::debug!(array = %inner.name, member = slot, error = %err, "no automatic re-add");
+                    if !matches!(err, AdminError::Unavailable(_)) {
+                        lock(&e.readd_backoff).insert(slot, Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-adds member `slot`: reconnects, checks its superblock, and
+    /// recovers it in the background, from the bitmap when that covers
+    /// what it missed, else in full (`automatic` refuses the full case).
+    async fn readd(&self, e: &Arc<Entry>, slot: usize, automatic: bool) -> Result<(), AdminError> {
+        let inner = e.inner().clone();
+        let name = inner.name.clone();
+        let Some(member) = inner.members.get(slot).cloned() else {
+            return Err(AdminError::Invalid(format!(
+                "array {name:?} has no member slot {slot}"
+            )));
+        };
+        if !matches!(member.state(), MemberState::Faulty | MemberState::Missing) {
+            return Err(AdminError::Refused(format!(
+                "array {name:?}: member {slot} ({}) is {}, not failed",
+                member.uri,
+                member.state().name()
+            )));
+        }
+        if lock(&e.recovering).contains(&slot) {
+            return Err(AdminError::Refused(format!(
+                "array {name:?}: member {slot} is being recovered already"
+            )));
+        }
+        let config = member_client_config(
+            self.settings.member_connections,
+            self.settings.liveness_timeout,
+        );
+        let client = Client::connect_uri(&member.uri, config)
+            .await
+            .map_err(|err| {
+                AdminError::Unavailable(format!(
+                    "array {name:?}: member {slot} ({}) is unreachable: {err}",
+                    member.uri
+                ))
+            })?;
+        let area = client
+            .read(0, IoBuf::zeroed(2 * SB_SLOT_SIZE as usize))
+            .await
+            .map_err(|err| {
+                AdminError::Unavailable(format!(
+                    "array {name:?}: cannot read member {slot}'s superblocks: {err}"
+                ))
+            })?;
+        let (a, b) = area.split_at(SB_SLOT_SIZE as usize);
+        let Some(array_sb) = inner.meta.snapshot() else {
+            return Err(AdminError::Refused(format!(
+                "array {name:?} keeps no superblocks"
+            )));
+        };
+        let own = match read_copies(a, b) {
+            SbRead::Valid { sb, .. } => *sb,
+            other => {
+                return Err(AdminError::Refused(format!(
+                    "array {name:?}: member {slot} ({}) holds no valid superblock of this array ({other:?}); \
+                     it needs a replacement and a rebuild",
+                    member.uri
+                )));
+            }
+        };
+        if own.array_uuid != array_sb.array_uuid || own.role != slot {
+            return Err(AdminError::Refused(format!(
+                "array {name:?}: member {slot} ({}) holds slot {} of array {:?} ({}), expected slot {slot} of {}",
+                member.uri, own.role, own.array_name, own.array_uuid, array_sb.array_uuid
+            )));
+        }
+        let failed_at = match array_sb.roles.get(slot).map(|r| r.state) {
+            Some(superblock::MemberState::Faulty { at_event }) => at_event,
+            _ => array_sb.events,
+        };
+        let covered = own.events.saturating_add(1) >= failed_at;
+        if !covered && automatic {
+            return Err(AdminError::Refused(format!(
+                "array {name:?}: member {slot} ({}) is back but missed more than the bitmap covers \
+                 (its events {}, failed at {failed_at}); re-add it by hand for a full recovery",
+                member.uri, own.events
+            )));
+        }
+        let region = inner.meta.bitmap().map_or(1 << 20, |b| b.geometry().region);
+        let regions: Vec<u64> = if covered {
+            inner
+                .meta
+                .bitmap()
+                .map(|b| b.dirty_regions().collect())
+                .unwrap_or_default()
+        } else {
+            (0..inner.layout.member_data_size().div_ceil(region)).collect()
+        };
+        if let Some(old) = member.set_client(Some(Arc::new(client))) {
+            old.close(Duration::from_millis(10)).await;
+        }
+        member.set_state(MemberState::Recovering);
+        inner.update_failed();
+        if let Err(err) = inner.meta.record_recovering(&inner, slot, 0).await {
+            member.set_state(MemberState::Faulty);
+            return Err(AdminError::Internal(format!(
+                "array {name:?}: cannot record member {slot} as recovering: {err}"
+            )));
+        }
+        lock(&e.recovering).push(slot);
+        tracing::info!(
+            array = %name,
+            member = slot,
+            uri = %member.uri,
+            regions = regions.len(),
+            bitmap = covered,
+            "member re-added; recovering"
+        );
+        let tally = Tally::new("recovery", regions.len() as u64 * region);
+        *lock(&e.sync) = Some(tally.clone());
+        let entry = e.clone();
+        let rate = self.settings.sync_rate;
+        tokio::spawn(async move {
+            let mut pacer = Pacer::new(rate);
+            let mut ok = true;
+            for r in regions {
+                if entry.stop.is_cancelled() || member.state() != MemberState::Recovering {
+                    ok = false;
+                    break;
+                }
+                let rows = r * region..(r + 1) * region;
+                if let Err(err) = inner
+                    .sync_rows(rows, Pass::Recover(slot), &tally, &mut pacer)
+                    .await
+                {
+                    tracing::error!(array = %inner.name, member = slot, error = %err, "recovery stopped");
+                    ok = false;
+                    break;
+                }
+            }
+            lock(&entry.recovering).retain(|s| *s != slot);
+            if ok && member.state() == MemberState::Recovering {
+                member.set_state(MemberState::Active);
+                if let Err(err) = inner.meta.record_active(&inner, slot).await {
+                    tracing::error!(array = %inner.name, member = slot, error = %err, "cannot record the member in sync");
+                }
+                tally.finished.store(true, Ordering::Release);
+                tracing::info!(
+                    array = %inner.name,
+                    member = slot,
+                    copied = tally.written.load(Ordering::Relaxed),
+                    member_size = inner.layout.member_data_size(),
+                    secs = tally.started.elapsed().as_secs_f64(),
+                    "recovery finished: member in sync"
+                );
+            } else {
+                lock(&entry.readd_backoff).insert(slot, Instant::now());
+            }
+        });
+        Ok(())
+    }
+
+    fn status_of(&self, e: &Entry) -> Result<ArrayStatus, AdminError> {
+        let inner = e.inner();
+        let sb = inner.meta.snapshot();
+        let g = inner.layout.geometry();
+        let state = if inner.is_failed() {
+            ArrayState::Failed
+        } else if inner.is_degraded() {
+            ArrayState::Degraded
+        } else if !inner.meta.is_clean() {
+            ArrayState::Active
+        } else {
+            ArrayState::Clean
+        };
+        let members = inner
+            .members
+            .iter()
+            .map(|m| {
+                let s = &m.stats;
+                let reads = s.reads.load(Ordering::Relaxed);
+                let writes = s.writes.load(Ordering::Relaxed);
+                let ops = (reads + writes).max(1);
+                MemberStatus {
+                    slot: m.slot,
+                    uri: m.uri.clone(),
+                    uuid: sb
+                        .as_ref()
+                        .and_then(|sb| sb.roles.get(m.slot))
+                        .map(|r| r.member_uuid.to_string())
+                        .unwrap_or_default(),
+                    state: m.state().name().to_string(),
+                    errors: s.errors.load(Ordering::Relaxed),
+                    reads,
+                    writes,
+                    latency_us: s.latency_us.load(Ordering::Relaxed) / ops,
+                }
+            })
+            .collect();
+        let sync = lock(&e.sync)
+            .as_ref()
+            .filter(|t| !t.finished.load(Ordering::Acquire))
+            .map(|t| t.progress());
+        let check = lock(&e.check).as_ref().map(|t| check_report(t));
+        let bitmap = inner.meta.bitmap();
+        Ok(ArrayStatus {
+            name: inner.name.clone(),
+            uuid: sb
+                .as_ref()
+                .map(|s| s.array_uuid.to_string())
+                .unwrap_or_default(),
+            level: g.level,
+            layout: sb.as_ref().map(|s| s.layout.clone()).unwrap_or_default(),
+            chunk: g.chunk,
+            copies: g.copies,
+            size: inner.layout.size(),
+            member_size: inner.layout.member_data_size(),
+            state,
+            events: sb.as_ref().map_or(0, |s| s.events),
+            bitmap_region: bitmap.map_or(0, |b| b.geometry().region),
+            bitmap_dirty: bitmap.map_or(0, |b| b.set_bits()),
+            members,
+            sync,
+            check,
+            export: inner.name.clone(),
+        })
+    }
+}
+
+fn check_report(t: &Tally) -> CheckReport {
+    CheckReport {
+        running: !t.finished.load(Ordering::Acquire),
+        progress: t.progress(),
+        mismatches: t.mismatches.load(Ordering::Relaxed),
+        first_mismatches: lock(&t.first).clone(),
+        errors: 0,
     }
 }
 
 impl ArrayAdmin for Manager {
     fn create(&self, spec: ArraySpec) -> BoxFuture<'_, Result<ArrayStatus, AdminError>> {
-        Box::pin(async move {
-            Err(AdminError::Internal(format!(
-                "cannot create {:?}: not wired yet",
-                spec.name
-            )))
-        })
+        Box::pin(async move { self.add(spec).await })
     }
 
     fn list(&self) -> Vec<ArrayStatus> {
-        Vec::new()
+        let entries: Vec<Arc<Entry>> = lock(&self.arrays).values().cloned().collect();
+        entries
+            .iter()
+            .filter_map(|e| self.status_of(e).ok())
+            .collect()
     }
 
     fn status(&self, name: &str) -> Result<ArrayStatus, AdminError> {
-        Err(AdminError::UnknownArray(name.to_string()))
+        let e = self.entry(name)?;
+        self.status_of(&e)
     }
 
-    fn re_add(&self, name: &str, _slot: usize) -> BoxFuture<'_, Result<ArrayStatus, AdminError>> {
+    fn re_add(&self, name: &str, slot: usize) -> BoxFuture<'_, Result<ArrayStatus, AdminError>> {
         let name = name.to_string();
-        Box::pin(async move { Err(AdminError::UnknownArray(name)) })
+        Box::pin(async move {
+            let e = self.entry(&name)?;
+            self.readd(&e, slot, false).await?;
+            self.status_of(&e)
+        })
     }
 
     fn check(&self, name: &str) -> Result<CheckReport, AdminError> {
-        Err(AdminError::UnknownArray(name.to_string()))
+        let e = self.entry(name)?;
+        {
+            let current = lock(&e.check);
+            if let Some(t) = current.as_ref()
+                && !t.finished.load(Ordering::Acquire)
+            {
+                return Ok(check_report(t));
+            }
+        }
+        let inner = e.inner().clone();
+        let tally = Tally::new("check", inner.layout.member_data_size());
+        *lock(&e.check) = Some(tally.clone());
+        let rate = self.settings.sync_rate;
+        let entry = e.clone();
+        let report = check_report(&tally);
+        tokio::spawn(async move {
+            let mut pacer = Pacer::new(rate);
+            let size = inner.layout.member_data_size();
+            let step = 64u64 << 20;
+            let mut at = 0;
+            while at < size {
+                if entry.stop.is_cancelled() {
+                    break;
+                }
+                let rows = at..(at + step).min(size);
+                if let Err(err) = inner.sync_rows(rows, Pass::Check, &tally, &mut pacer).await {
+                    tracing::error!(array = %inner.name, error = %err, "check stopped");
+                    break;
+                }
+                at += step;
+            }
+            tally.finished.store(true, Ordering::Release);
+            tracing::info!(
+                array = %inner.name,
+                mismatches = tally.mismatches.load(Ordering::Relaxed),
+                secs = tally.started.elapsed().as_secs_f64(),
+                "check finished"
+            );
+        });
+        Ok(report)
     }
 }

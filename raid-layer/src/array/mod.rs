@@ -156,7 +156,7 @@ impl ArrayInner {
     }
 
     /// Recomputes whether the array can still serve every byte.
-    fn update_failed(&self) {
+    pub(crate) fn update_failed(&self) {
         let lost = |mut slots: Box<dyn Iterator<Item = usize> + '_>| {
             slots.all(|s| !self.members[s].writable())
         };
@@ -192,8 +192,9 @@ impl ArrayInner {
             return;
         };
         if matches!(m.state(), MemberState::Faulty | MemberState::Missing) {
-            // Someone else recorded it; wait until their record is durable.
-            self.meta.wait_failure_recorded(slot).await;
+            // Someone else failed it: make sure the record is durable
+            // (returns at once when it already is).
+            self.meta.record_failure(self, slot, &e.to_string()).await;
             return;
         }
         m.set_state(MemberState::Faulty);

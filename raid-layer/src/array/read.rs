@@ -58,14 +58,22 @@ impl ArrayInner {
     }
 
     /// RAID 0/1/10: reads from the least loaded readable copy, failing over
-    /// to the next when one fails.
+    /// to the next when one fails. Where copies may still disagree (a
+    /// region not yet resynced after a crash) every read goes to the first
+    /// in-sync copy, the one the resync copies from, so a re-read never
+    /// returns different data.
     async fn read_copy(&self, piece: Piece, mut buf: IoBuf) -> Result<IoBuf, IoError> {
+        let unsynced = self.meta.resync_pending(piece.locations.first().offset);
         loop {
-            let best = piece
+            let mut readable = piece
                 .locations
                 .iter()
-                .filter(|l| self.members[l.member].readable())
-                .min_by_key(|l| self.members[l.member].outstanding());
+                .filter(|l| self.members[l.member].readable());
+            let best = if unsynced {
+                readable.next()
+            } else {
+                readable.min_by_key(|l| self.members[l.member].outstanding())
+            };
             let Some(loc) = best else {
                 return Err(self.failed_error("read"));
             };

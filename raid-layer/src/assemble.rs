@@ -1,0 +1,495 @@
+//! Assembly: from a spec (configured member URIs in slot order) to a
+//! running [`Array`], by reading every member's superblocks.
+//!
+//! - All members blank (no superblock of ours; or another array's with
+//!   `overwrite`): the array is **created**: geometry from the smallest
+//!   member (and said so when they differ), new uuids, a zeroed bitmap and
+//!   clean when every member's data area reads as zeroes (block status),
+//!   else a full bitmap and a resync in the background; superblocks last.
+//! - Otherwise it is **assembled**: the authoritative superblock is the
+//!   newest of the array's members ([`crate::meta::assess`]); a current
+//!   member serves; a stale one (failed earlier, or behind) is kept out
+//!   and recorded faulty, to be re-added; a foreign member, one in the
+//!   wrong role, a corrupt or unreachable one is left out with a message
+//!   naming it, what it holds and what was expected. The array starts
+//!   degraded if its level allows, else not at all.
+//! - A dirty array (not marked clean: a crash) resyncs the regions its
+//!   bitmap marks, in the background, while it serves. A RAID 5/6 array
+//!   that is both dirty and degraded is refused unless forced: parity of
+//!   stripes written at the crash may be wrong, and a missing member's data
+//!   would be reconstructed from it (the write hole).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use nbdraid_client::{Client, IoBuf};
+use nbdraid_engine::buffer::BufferPool;
+use nbdraid_engine::cost::SharedCostModel;
+use nbdraid_proto::ByteSize;
+use nbdraid_proto::consts::allocation;
+use uuid::Uuid;
+
+use crate::api::{AdminError, ArraySpec};
+use crate::array::meta::{ArrayMeta, PersistError};
+use crate::array::{Array, ArrayParams};
+use crate::layout::{Geometry, Layout, Level};
+use crate::manager::ManagerSettings;
+use crate::member::{Member, MemberState, member_client_config};
+use crate::meta::{
+    BITMAP_OFFSET, BITMAP_PAGE_SIZE, Bitmap, DEFAULT_DATA_OFFSET, Found, MemberStatus,
+    SB_SLOT_SIZE, SbRead, Slot, Superblock, assess, geometry_for, read_copies, superblock,
+};
+
+/// What assembly found besides the array: messages for operators.
+#[derive(Debug, Default)]
+pub struct Notes {
+    /// One line per member left out or kept out, and other warnings.
+    pub warnings: Vec<String>,
+    /// The array was created now (not assembled).
+    pub created: bool,
+    /// Regions to resync (dirty at assembly, or a new array over non-blank members).
+    pub resync_regions: u64,
+}
+
+/// One configured member as found.
+struct Probe {
+    client: Option<Arc<Client>>,
+    read: Option<SbRead>,
+    error: Option<String>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Connects to every member and reads its superblock slots.
+async fn probe(spec: &ArraySpec, settings: &ManagerSettings) -> Vec<Probe> {
+    let probes = spec.members.iter().map(|uri| async move {
+        let config = member_client_config(settings.member_connections, settings.liveness_timeout);
+        let client = match Client::connect_uri(uri, config).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                return Probe {
+                    client: None,
+                    read: None,
+                    error: Some(format!("unreachable: {e}")),
+                };
+            }
+        };
+        let area = 2 * SB_SLOT_SIZE;
+        if client.info().size < area {
+            return Probe {
+                client: Some(client),
+                read: Some(SbRead::Blank),
+                error: None,
+            };
+        }
+        match client.read(0, IoBuf::zeroed(area as usize)).await {
+            Ok(buf) => {
+                let (a, b) = buf.split_at(SB_SLOT_SIZE as usize);
+                Probe {
+                    read: Some(read_copies(a, b)),
+                    client: Some(client),
+                    error: None,
+                }
+            }
+            Err(e) => Probe {
+                client: None,
+                read: None,
+                error: Some(format!("cannot read its superblocks: {e}")),
+            },
+        }
+    });
+    futures::future::join_all(probes).await
+}
+
+/// Creates or assembles the array of `spec`. `expected` is the uuid the
+/// daemon's state store recorded for it, if any.
+pub async fn assemble(
+    spec: &ArraySpec,
+    expected: Option<Uuid>,
+    settings: &ManagerSettings,
+    pool: Arc<BufferPool>,
+    model: SharedCostModel,
+) -> Result<(Array, Notes), AdminError> {
+    let name = &spec.name;
+    let probes = probe(spec, settings).await;
+    let ours = |p: &Probe| matches!(&p.read, Some(SbRead::Valid { sb, .. }) if !spec.overwrite || expected.is_some_and(|u| u == sb.array_uuid));
+    let any_ours = probes.iter().any(ours);
+    let any_valid = probes
+        .iter()
+        .any(|p| matches!(p.read, Some(SbRead::Valid { .. })));
+    if !any_valid || (spec.overwrite && !any_ours && expected.is_none()) {
+        return create(spec, probes, settings, pool, model).await;
+    }
+    // Assemble from the members' superblocks.
+    let sbs: Vec<Option<&Superblock>> = probes
+        .iter()
+        .map(|p| match &p.read {
+            Some(SbRead::Valid { sb, .. }) => Some(&**sb),
+            _ => None,
+        })
+        .collect();
+    let found: Vec<Found<'_>> = spec
+        .members
+        .iter()
+        .zip(&sbs)
+        .map(|(uri, sb)| Found { uri, sb: *sb })
+        .collect();
+    let assessment = assess(&found, expected);
+    let Some(auth) = assessment.superblock.clone() else {
+        let lines: Vec<String> = assessment.members.iter().map(|r| r.to_string()).collect();
+        return Err(AdminError::Refused(format!(
+            "array {name:?}: no member holds it: {}",
+            lines.join("; ")
+        )));
+    };
+    check_matches_spec(spec, &auth)?;
+    let mut notes = Notes::default();
+    let mut members = Vec::with_capacity(spec.members.len());
+    let mut slots = Vec::with_capacity(spec.members.len());
+    let mut clean = auth.clean;
+    let mut newly_lost = Vec::new();
+    for ((slot, probe), report) in probes.into_iter().enumerate().zip(&assessment.members) {
+        let uri = &spec.members[slot];
+        let recorded_faulty = matches!(
+            auth.roles.get(slot).map(|r| r.state),
+            Some(superblock::MemberState::Faulty { .. })
+        );
+        let (state, keep) = match (&probe.error, &probe.read, &report.status) {
+            (Some(e), _, _) => {
+                notes.warnings.push(format!("member {slot} ({uri}): {e}"));
+                (MemberState::Missing, false)
+            }
+            (_, Some(SbRead::Corrupt { reason }), _) => {
+                notes.warnings.push(format!(
+                    "member {slot} ({uri}): its superblocks are damaged ({reason}); left out"
+                ));
+                (MemberState::Missing, false)
+            }
+            (_, Some(SbRead::Unsupported { error, .. }), _) => {
+                notes
+                    .warnings
+                    .push(format!("member {slot} ({uri}): {error}; left out"));
+                (MemberState::Missing, false)
+            }
+            (_, _, MemberStatus::Current { .. }) => {
+                if let Some(SbRead::Valid { sb, .. }) = &probe.read {
+                    clean &= sb.clean;
+                }
+                (MemberState::Active, true)
+            }
+            (_, _, MemberStatus::Recovering { .. }) => (MemberState::Recovering, true),
+            (_, _, MemberStatus::Stale { .. }) => {
+                notes.warnings.push(report.to_string());
+                (MemberState::Faulty, true)
+            }
+            _ => {
+                notes.warnings.push(format!("{report}; left out"));
+                (MemberState::Missing, false)
+            }
+        };
+        if !matches!(state, MemberState::Active | MemberState::Recovering) && !recorded_faulty {
+            newly_lost.push(slot);
+        }
+        slots.push(probe.read.as_ref().and_then(SbRead::slot));
+        let client = if keep { probe.client } else { None };
+        members.push(Member::new(slot, uri, auth.data_offset, client, state));
+    }
+    for w in &notes.warnings {
+        tracing::warn!(array = %name, "{w}");
+    }
+    let level = auth.level;
+    let degraded = members.iter().any(|m| !m.readable());
+    if !clean && degraded && matches!(level, Level::Raid5 | Level::Raid6) && !spec.force {
+        return Err(AdminError::Refused(format!(
+            "array {name:?} ({level}) is dirty (it was not shut down cleanly) and degraded (members {:?} are not in sync): \
+             parity of stripes being written at the crash may be wrong, and a missing member's data would be \
+             rebuilt from it (the RAID 5/6 write hole). Bring the missing members back, or start it with \
+             --force-assemble {name} to accept that risk",
+            members
+                .iter()
+                .filter(|m| !m.readable())
+                .map(|m| m.slot)
+                .collect::<Vec<_>>()
+        )));
+    }
+    let geometry = auth.geometry();
+    let layout = Layout::new(geometry)
+        .map_err(|e| AdminError::Invalid(format!("array {name:?}: superblock geometry: {e}")))?;
+    let bitmap_geometry = auth.bitmap.ok_or_else(|| {
+        AdminError::Invalid(format!("array {name:?}: the superblock records no bitmap"))
+    })?;
+    let bitmap: Bitmap<PersistError> = Bitmap::new(bitmap_geometry)
+        .map_err(|e| AdminError::Invalid(format!("array {name:?}: {e}")))?;
+    // The union of the in-sync members' bitmaps.
+    for m in members.iter().filter(|m| m.readable()) {
+        let len = (bitmap_geometry.pages() * BITMAP_PAGE_SIZE) as usize;
+        match m.read_raw(BITMAP_OFFSET, IoBuf::zeroed(len)).await {
+            Ok(bytes) => {
+                if let Err(e) = bitmap.load(&bytes) {
+                    tracing::warn!(array = %name, member = m.slot, error = %e, "bitmap unreadable");
+                }
+            }
+            Err((e, _)) => {
+                tracing::warn!(array = %name, member = m.slot, error = %e, "cannot read the bitmap")
+            }
+        }
+    }
+    if !clean {
+        notes.resync_regions = bitmap.resync_dirty();
+        tracing::warn!(
+            array = %name,
+            regions = notes.resync_regions,
+            "the array was not shut down cleanly: resyncing its dirty regions in the background"
+        );
+    }
+    let meta = ArrayMeta::persistent(auth, slots, bitmap);
+    let array = Array::new(
+        ArrayParams {
+            name: name.clone(),
+            max_payload: settings.max_payload,
+        },
+        layout,
+        members,
+        pool,
+        meta.clone(),
+        model,
+    );
+    for slot in newly_lost {
+        meta.record_failure(array.inner(), slot, "not in sync at assembly")
+            .await;
+    }
+    Ok((array, notes))
+}
+
+/// Refuses a configured spec that contradicts the members' superblock.
+fn check_matches_spec(spec: &ArraySpec, sb: &Superblock) -> Result<(), AdminError> {
+    let name = &spec.name;
+    let mut diffs = Vec::new();
+    if sb.level != spec.level {
+        diffs.push(format!("level {} (configured {})", sb.level, spec.level));
+    }
+    if sb.members != spec.members.len() {
+        diffs.push(format!(
+            "{} members (configured {})",
+            sb.members,
+            spec.members.len()
+        ));
+    }
+    if spec.level.is_striped() && sb.chunk_size != spec.chunk {
+        diffs.push(format!(
+            "chunk {} (configured {})",
+            ByteSize(sb.chunk_size),
+            ByteSize(spec.chunk)
+        ));
+    }
+    if spec.level == Level::Raid10 && sb.copies != spec.copies {
+        diffs.push(format!("{} copies (configured {})", sb.copies, spec.copies));
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid(format!(
+            "array {name:?}: its members' superblocks say {}; change the configuration to match (the members are authoritative)",
+            diffs.join(", ")
+        )))
+    }
+}
+
+/// Reports whether `member`'s data area reads as zeroes (block status).
+async fn reads_as_zeroes(member: &Member, len: u64) -> bool {
+    if !member.has_block_status() {
+        return false;
+    }
+    let mut at = 0;
+    let mut calls = 0;
+    while at < len {
+        calls += 1;
+        if calls > 64 {
+            return false;
+        }
+        let ask = (len - at).min(1 << 30);
+        let Ok(extents) = member.block_status(at, ask).await else {
+            return false;
+        };
+        if extents.is_empty() {
+            return false;
+        }
+        for e in extents {
+            if e.flags & allocation::ZERO == 0 {
+                return false;
+            }
+            at = e.offset + e.len;
+        }
+    }
+    true
+}
+
+/// Creates a new array over blank members.
+async fn create(
+    spec: &ArraySpec,
+    probes: Vec<Probe>,
+    settings: &ManagerSettings,
+    pool: Arc<BufferPool>,
+    model: SharedCostModel,
+) -> Result<(Array, Notes), AdminError> {
+    let name = &spec.name;
+    let mut notes = Notes {
+        created: true,
+        ..Notes::default()
+    };
+    let mut clients = Vec::with_capacity(probes.len());
+    for (slot, p) in probes.into_iter().enumerate() {
+        let uri = &spec.members[slot];
+        if let Some(e) = p.error {
+            return Err(AdminError::Unavailable(format!(
+                "cannot create array {name:?}: member {slot} ({uri}) is {e}"
+            )));
+        }
+        match p.read {
+            Some(SbRead::Valid { sb, .. }) if !spec.overwrite => {
+                return Err(AdminError::Refused(format!(
+                    "cannot create array {name:?}: member {slot} ({uri}) belongs to array {:?} ({}); \
+                     use overwrite to take it anyway",
+                    sb.array_name, sb.array_uuid
+                )));
+            }
+            Some(SbRead::Corrupt { reason }) if !spec.overwrite => {
+                return Err(AdminError::Refused(format!(
+                    "cannot create array {name:?}: member {slot} ({uri}) holds damaged nbdraid superblocks ({reason}); \
+                     use overwrite to take it anyway"
+                )));
+            }
+            Some(SbRead::Unsupported { error, .. }) => {
+                return Err(AdminError::Refused(format!(
+                    "cannot create array {name:?}: member {slot} ({uri}): {error}"
+                )));
+            }
+            _ => {}
+        }
+        let Some(client) = p.client else {
+            return Err(AdminError::Unavailable(format!(
+                "cannot create array {name:?}: member {slot} ({uri}) is not connected"
+            )));
+        };
+        clients.push(client);
+    }
+    let data_offset = DEFAULT_DATA_OFFSET;
+    let sizes: Vec<u64> = clients.iter().map(|c| c.info().size).collect();
+    let smallest = sizes.iter().copied().min().unwrap_or(0);
+    if smallest <= data_offset {
+        return Err(AdminError::Invalid(format!(
+            "cannot create array {name:?}: member volumes must be larger than {} (the metadata area); the smallest is {}",
+            ByteSize(data_offset),
+            ByteSize(smallest)
+        )));
+    }
+    if sizes.iter().any(|&s| s != smallest) {
+        let w = format!(
+            "array {name:?}: members differ in size ({}); every member uses {}, the smallest",
+            sizes
+                .iter()
+                .map(|s| ByteSize(*s).to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            ByteSize(smallest)
+        );
+        tracing::warn!("{w}");
+        notes.warnings.push(w);
+    }
+    let member_data_size = smallest - data_offset;
+    let geometry = Geometry::new(spec.level, spec.members.len(), spec.chunk, member_data_size)
+        .with_copies(spec.copies);
+    let layout =
+        Layout::new(geometry).map_err(|e| AdminError::Invalid(format!("array {name:?}: {e}")))?;
+    let bitmap_geometry = geometry_for(member_data_size, spec.bitmap_region)
+        .map_err(|e| AdminError::Invalid(format!("array {name:?}: {e}")))?;
+    let member_ids: Vec<(Uuid, String)> = spec
+        .members
+        .iter()
+        .map(|u| (Uuid::new_v4(), u.clone()))
+        .collect();
+    let mut sb = Superblock::new(
+        Uuid::new_v4(),
+        name,
+        geometry,
+        data_offset,
+        Some(bitmap_geometry),
+        &member_ids,
+        now_unix(),
+    )
+    .map_err(|e| AdminError::Invalid(format!("array {name:?}: {e}")))?;
+    let members: Vec<Arc<Member>> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(slot, c)| {
+            Member::new(
+                slot,
+                &spec.members[slot],
+                data_offset,
+                Some(c),
+                MemberState::Active,
+            )
+        })
+        .collect();
+    // Blank members need no initial sync when their data reads as zeroes:
+    // zero data has zero parity and identical copies.
+    let mut zero = true;
+    if spec.level != Level::Raid0 {
+        for m in &members {
+            if !reads_as_zeroes(m, member_data_size).await {
+                zero = false;
+                break;
+            }
+        }
+    }
+    let bitmap: Bitmap<PersistError> = Bitmap::new(bitmap_geometry)
+        .map_err(|e| AdminError::Invalid(format!("array {name:?}: {e}")))?;
+    if !zero {
+        bitmap.mark_all();
+        notes.resync_regions = bitmap.resync_dirty();
+        tracing::info!(array = %name, "members hold data: the new array is synced in the background");
+    }
+    sb.clean = zero;
+    // The bitmap first, the superblocks last: until they are written the
+    // members are still blank.
+    for m in &members {
+        for page in 0..bitmap_geometry.pages() {
+            let bytes = Bytes::from(bitmap.page_bytes(page));
+            m.write_raw(BITMAP_OFFSET + page * BITMAP_PAGE_SIZE, bytes, false)
+                .await
+                .map_err(|e| {
+                    AdminError::Unavailable(format!("cannot create array {name:?}: {e}"))
+                })?;
+        }
+    }
+    let slots: Vec<Option<Slot>> = vec![None; members.len()];
+    let meta = ArrayMeta::persistent(sb, slots, bitmap);
+    let array = Array::new(
+        ArrayParams {
+            name: name.clone(),
+            max_payload: settings.max_payload,
+        },
+        layout,
+        members,
+        pool,
+        meta.clone(),
+        model,
+    );
+    meta.commit(array.inner())
+        .await
+        .map_err(|e| AdminError::Unavailable(format!("cannot create array {name:?}: {e}")))?;
+    tracing::info!(
+        array = %name,
+        level = %spec.level,
+        members = spec.members.len(),
+        size = array.inner().layout.size(),
+        clean = zero,
+        "array created"
+    );
+    Ok((array, notes))
+}

@@ -1,0 +1,356 @@
+//! Background work on an array's rows: resync (make parity and copies
+//! agree after an unclean shutdown), recovery (bring a re-added member up
+//! to date) and check (count disagreements, change nothing).
+//!
+//! All three go through the array a unit at a time (a stripe for RAID
+//! 5/6, a chunk for RAID 10, 1 MiB for RAID 1), each under that unit's
+//! write lock, so a foreground write to the same unit waits for it (and
+//! vice versa) and parity is never computed from half of a write.
+//!
+//! - Resync reads every copy or the whole stripe; it writes only what
+//!   differs (a crash leaves few regions wrong), parity recomputed from
+//!   the data, mirrors copied from the first in-sync copy.
+//! - Recovery writes the re-added member's part of each unit: the copy
+//!   from an in-sync member, or its chunk reconstructed from the others.
+//! - Check reads like resync and reports the units that disagree.
+//!
+//! A rate limit (bytes of member data per second) keeps them from
+//! crowding out foreground I/O.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nbdraid_engine::Error as IoError;
+
+use crate::array::ArrayInner;
+use crate::layout::Level;
+use crate::parity::{self, Redundancy};
+
+/// RAID 1 unit of work.
+const MIRROR_UNIT: u64 = 1 << 20;
+
+/// What to do with a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Make parity and copies agree (write what differs).
+    Resync,
+    /// Write member `slot`'s part.
+    Recover(usize),
+    /// Count disagreements.
+    Check,
+}
+
+/// The running count of a pass, readable while it runs.
+#[derive(Debug)]
+pub struct Tally {
+    /// What runs.
+    pub kind: &'static str,
+    /// Bytes of member data covered so far.
+    pub done: AtomicU64,
+    /// Bytes of member data to cover.
+    pub total: AtomicU64,
+    /// Bytes written to members.
+    pub written: AtomicU64,
+    /// Units that disagreed (check and resync).
+    pub mismatches: AtomicU64,
+    /// The first mismatching units.
+    pub first: std::sync::Mutex<Vec<u64>>,
+    /// When it started.
+    pub started: Instant,
+    /// Whether it finished.
+    pub finished: std::sync::atomic::AtomicBool,
+}
+
+impl Tally {
+    /// Returns a tally of `kind` over `total` bytes.
+    pub fn new(kind: &'static str, total: u64) -> Arc<Self> {
+        Arc::new(Self {
+            kind,
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(total),
+            written: AtomicU64::new(0),
+            mismatches: AtomicU64::new(0),
+            first: std::sync::Mutex::new(Vec::new()),
+            started: Instant::now(),
+            finished: Default::default(),
+        })
+    }
+
+    fn mismatch(&self, unit: u64) {
+        self.mismatches.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        if first.len() < 16 {
+            first.push(unit);
+        }
+    }
+
+    /// Returns the progress as the API reports it.
+    pub fn progress(&self) -> crate::api::Progress {
+        let done = self.done.load(Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+        let eta = (rate > 0.0 && done < total)
+            .then(|| Duration::from_secs_f64((total - done) as f64 / rate));
+        crate::api::Progress {
+            kind: self.kind.to_string(),
+            done,
+            total,
+            rate,
+            eta,
+        }
+    }
+}
+
+/// Paces a pass to `rate` bytes per second (0: unpaced).
+pub struct Pacer {
+    rate: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    /// Returns a pacer for `rate` bytes per second.
+    pub fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Accounts `n` bytes and sleeps if ahead of the rate.
+    pub async fn pace(&mut self, n: u64) {
+        self.bytes += n;
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+impl ArrayInner {
+    /// Runs `pass` over member rows `rows` (member data offsets), counting
+    /// into `tally`.
+    pub async fn sync_rows(
+        &self,
+        rows: Range<u64>,
+        pass: Pass,
+        tally: &Tally,
+        pacer: &mut Pacer,
+    ) -> Result<(), IoError> {
+        let g = self.layout.geometry();
+        let rows = rows.start..rows.end.min(self.layout.member_data_size());
+        match g.level {
+            Level::Raid0 => {
+                tally
+                    .done
+                    .fetch_add(rows.end - rows.start, Ordering::Relaxed);
+                Ok(())
+            }
+            Level::Raid5 | Level::Raid6 => {
+                for s in rows.start / g.chunk..rows.end.div_ceil(g.chunk) {
+                    if s >= self.layout.rows() {
+                        break;
+                    }
+                    self.sync_stripe(s, pass, tally).await?;
+                    tally.done.fetch_add(g.chunk, Ordering::Relaxed);
+                    pacer.pace(g.chunk * g.members as u64).await;
+                }
+                Ok(())
+            }
+            Level::Raid1 => {
+                let mut at = rows.start;
+                while at < rows.end {
+                    let n = (rows.end - at).min(MIRROR_UNIT);
+                    self.sync_copies(at, n, at / MIRROR_UNIT, pass, tally)
+                        .await?;
+                    tally.done.fetch_add(n, Ordering::Relaxed);
+                    pacer.pace(n * g.members as u64).await;
+                    at += n;
+                }
+                Ok(())
+            }
+            Level::Raid10 => {
+                // Chunks with a copy in these rows.
+                let n = g.members as u64;
+                let copies = g.copies as u64;
+                let (r0, r1) = (rows.start / g.chunk, rows.end.div_ceil(g.chunk));
+                let first = (r0 * n) / copies;
+                let last = ((r1 * n).div_ceil(copies)).min(self.layout.size() / g.chunk);
+                for c in first..last {
+                    self.sync_copies(c * g.chunk, g.chunk, c, pass, tally)
+                        .await?;
+                    pacer.pace(g.chunk * copies).await;
+                }
+                tally
+                    .done
+                    .fetch_add(rows.end - rows.start, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// One RAID 5/6 stripe.
+    async fn sync_stripe(&self, s: u64, pass: Pass, tally: &Tally) -> Result<(), IoError> {
+        let Some(stripe) = self.layout.stripe(s) else {
+            return Ok(());
+        };
+        let redundancy = self.layout.level().redundancy().unwrap_or(Redundancy::P);
+        let chunk = self.layout.chunk();
+        let _lock = self.locks.lock(s).await;
+        if self.is_failed() {
+            return Err(self.failed_error("sync"));
+        }
+        // The whole column, reconstructing what members out of sync hold.
+        let col = self.read_column(s, 0..chunk).await?;
+        let k = stripe.data_chunks();
+        let order: Vec<usize> = stripe.members().collect();
+        match pass {
+            Pass::Recover(slot) => {
+                let Some(c) = order.iter().position(|&m| m == slot) else {
+                    return Ok(());
+                };
+                let bytes = Bytes::copy_from_slice(&col[c]);
+                self.write_unit(slot, stripe.member_offset(0), bytes, tally)
+                    .await
+            }
+            Pass::Resync | Pass::Check => {
+                let mut p = self.buffer(chunk as usize);
+                let mut q = self.buffer(chunk as usize);
+                let ok = match redundancy {
+                    Redundancy::P => {
+                        parity::gen_p(&col[..k], &mut p)
+                            .map_err(|e| IoError::eio("parity", &self.name, e.to_string()))?;
+                        p[..] == col[k][..]
+                    }
+                    Redundancy::PQ => {
+                        parity::gen_pq(&col[..k], &mut p, &mut q)
+                            .map_err(|e| IoError::eio("parity", &self.name, e.to_string()))?;
+                        p[..] == col[k][..] && q[..] == col[k + 1][..]
+                    }
+                };
+                if ok {
+                    return Ok(());
+                }
+                tally.mismatch(s);
+                if pass == Pass::Check {
+                    return Ok(());
+                }
+                let off = stripe.member_offset(0);
+                if self.members[stripe.p_member()].writable() && p[..] != col[k][..] {
+                    self.write_unit(stripe.p_member(), off, Bytes::from_owner(p), tally)
+                        .await?;
+                }
+                if let Some(qm) = stripe.q_member()
+                    && self.members[qm].writable()
+                    && q[..] != col[k + 1][..]
+                {
+                    self.write_unit(qm, off, Bytes::from_owner(q), tally)
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// One mirrored unit: array bytes `[offset, offset+len)` (RAID 1) or
+    /// chunk `unit` (RAID 10).
+    async fn sync_copies(
+        &self,
+        offset: u64,
+        len: u64,
+        unit: u64,
+        pass: Pass,
+        tally: &Tally,
+    ) -> Result<(), IoError> {
+        let Some(piece) = self
+            .layout
+            .map(offset, len)
+            .map_err(|e| IoError::Invalid(e.to_string()))?
+            .next()
+        else {
+            return Ok(());
+        };
+        let _lock = self.locks.lock(unit).await;
+        if self.is_failed() {
+            return Err(self.failed_error("sync"));
+        }
+        let locs: Vec<_> = piece.locations.iter().collect();
+        let Some(primary) = locs
+            .iter()
+            .find(|l| self.members[l.member].readable())
+            .copied()
+        else {
+            return Err(self.failed_error("sync"));
+        };
+        let src = match self.members[primary.member]
+            .read(primary.offset, self.buffer(piece.len as usize))
+            .await
+        {
+            Ok(b) => b,
+            Err((e, _)) => {
+                self.handle(&e).await;
+                return Err(self.io_error("sync", &e));
+            }
+        };
+        let src = Bytes::from_owner(src);
+        for l in locs.iter().filter(|l| l.member != primary.member) {
+            let m = &self.members[l.member];
+            let write = match pass {
+                Pass::Recover(slot) => l.member == slot,
+                Pass::Check | Pass::Resync => {
+                    if !m.readable() {
+                        continue;
+                    }
+                    match m.read(l.offset, self.buffer(piece.len as usize)).await {
+                        Ok(b) if b[..] == src[..] => false,
+                        Ok(_) => {
+                            tally.mismatch(unit);
+                            pass == Pass::Resync
+                        }
+                        Err((e, _)) => {
+                            self.handle(&e).await;
+                            false
+                        }
+                    }
+                }
+            };
+            if write && m.writable() {
+                self.write_unit(l.member, l.offset, src.clone(), tally)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_unit(
+        &self,
+        slot: usize,
+        offset: u64,
+        bytes: Bytes,
+        tally: &Tally,
+    ) -> Result<(), IoError> {
+        let n = bytes.len() as u64;
+        match self.members[slot].write(offset, bytes, false).await {
+            Ok(()) => {
+                tally.written.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                if self.handle(&e).await {
+                    Ok(())
+                } else {
+                    Err(self.io_error("sync", &e))
+                }
+            }
+        }
+    }
+}
