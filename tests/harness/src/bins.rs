@@ -61,63 +61,82 @@ fn profile_name(dir: &Path) -> String {
     }
 }
 
-/// Builds `bin` of `package` with `features` in the tests' profile (unless
-/// `NBDRAID_TEST_NO_BUILD` is set) and returns its path.
-fn build_binary(
-    package: &str,
-    bin: &str,
-    features: &[&str],
-) -> std::result::Result<PathBuf, String> {
-    let dir = profile_dir();
-    let path = dir.join(bin);
-    if std::env::var_os("NBDRAID_TEST_NO_BUILD").is_none() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root())
-            .args(["build", "--quiet", "-p", package, "--bin", bin])
-            .arg("--profile")
-            .arg(profile_name(&dir));
-        if !features.is_empty() {
-            cmd.arg("--features").arg(features.join(","));
-        }
-        // The test binary may live under a custom target dir.
-        if let Some(target) = dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let out = run(&mut cmd, hang(1200)).map_err(|e| format!("cargo build: {e:#}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`cargo build -p {package}` failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-    }
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!("{bin} binary not found at {}", path.display()))
-    }
-}
+/// The binaries under test: package, binary, and the features every
+/// suite builds it with (the only build of it the tests ever make).
+const BINARIES: [(&str, &str); 3] = [
+    ("nbdraid-node", "nbdraid-node"),
+    ("nbdraid-raid", "nbdraid-array"),
+    ("nbdraid-cli", "nbdraid"),
+];
 
-/// Path of the `nbdraid-node` binary, built (once per test process) if needed, with the
-/// `fault-injection` feature (faults stay off unless a test sets them over gRPC). Panics
-/// with cargo's output when the build fails.
-pub fn node_binary() -> PathBuf {
-    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("NBDRAID_NODE_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        build_binary("nbdraid-node", "nbdraid-node", &["fault-injection"])
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
-}
+/// The features the daemons are built with for tests.
+const FEATURES: &str = "nbdraid-node/fault-injection";
 
-/// Path of the `nbdraid` command-line tool, built (once per test process) if needed.
-pub fn cli_binary() -> PathBuf {
-    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_binary("nbdraid-cli", "nbdraid", &[]))
+/// Builds every binary under test in one cargo call, in the tests'
+/// profile (unless `NBDRAID_TEST_NO_BUILD` is set), once per process.
+fn build_all() -> std::result::Result<(), String> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if std::env::var_os("NBDRAID_TEST_NO_BUILD").is_some() {
+                return Ok(());
+            }
+            let dir = profile_dir();
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(workspace_root()).args(["build", "--quiet"]);
+            for (package, bin) in BINARIES {
+                cmd.args(["-p", package, "--bin", bin]);
+            }
+            cmd.args(["--features", FEATURES])
+                .arg("--profile")
+                .arg(profile_name(&dir));
+            // The test binary may live under a custom target dir.
+            if let Some(target) = dir.parent() {
+                cmd.env("CARGO_TARGET_DIR", target);
+            }
+            let out = run(&mut cmd, hang(1200)).map_err(|e| format!("cargo build: {e:#}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building the binaries under test failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(())
+        })
         .clone()
-        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Returns the path of `bin`, built (once per process) if needed, or
+/// the path in `env` when that variable is set. Panics with cargo's
+/// output when the build fails.
+fn binary(bin: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    if let Err(e) = build_all() {
+        panic!("{e}");
+    }
+    let path = profile_dir().join(bin);
+    if !path.is_file() {
+        panic!("{bin} binary not found at {}", path.display());
+    }
+    path
+}
+
+/// Path of the `nbdraid-node` binary (with the `fault-injection` feature:
+/// faults stay off unless a test sets them over gRPC). `NBDRAID_NODE_BIN`
+/// overrides it.
+pub fn node_binary() -> PathBuf {
+    binary("nbdraid-node", "NBDRAID_NODE_BIN")
+}
+
+/// Path of the `nbdraid-array` binary. `NBDRAID_ARRAY_BIN` overrides it.
+pub fn array_binary() -> PathBuf {
+    binary("nbdraid-array", "NBDRAID_ARRAY_BIN")
+}
+
+/// Path of the `nbdraid` command-line tool. `NBDRAID_CLI_BIN` overrides it.
+pub fn cli_binary() -> PathBuf {
+    binary("nbdraid", "NBDRAID_CLI_BIN")
 }

@@ -6,7 +6,9 @@
 //! clients (libnbd tools, qemu, fio, nbd-client, python3-libnbd).
 //!
 //! - [`bins`]: the daemons and the CLI, built one way only (see there);
-//! - [`node`]: the storage node launcher; [`peers`]: nbdkit and qemu-nbd;
+//! - [`node`]: the storage node launcher; [`array`]: the array daemon and
+//!   a local cluster (nodes + array daemon); [`peers`]: nbdkit and qemu-nbd;
+//!   [`daemon`]: what every launched daemon shares;
 //! - [`tools`]: external tools, present or skipped with a reason;
 //! - [`process`]: commands with hang detectors, background processes;
 //! - [`data`]: the pattern generator and comparisons.
@@ -24,18 +26,22 @@
 //! Every wait in here is bounded; every process the harness starts is killed by its own PID
 //! (or the process group it created for it) and by nothing broader.
 
+pub mod array;
 pub mod bins;
+pub mod daemon;
 pub mod data;
 pub mod node;
 pub mod peers;
 pub mod process;
 pub mod tools;
 
-pub use bins::{cli_binary, hang, node_binary, profile_dir, workspace_root};
+pub use array::{ArrayDaemon, Cluster, array_entry};
+pub use bins::{array_binary, cli_binary, hang, node_binary, profile_dir, workspace_root};
+pub use daemon::{DaemonProc, Ready, http_get};
 pub use data::{
     assert_files_equal, assert_same, parse_size, pattern, scratch_dir, write_pattern_file,
 };
-pub use node::{Backend, Node, NodeBuilder, Ready, backend, backend_is_node, http_get};
+pub use node::{Backend, Node, NodeBuilder, backend, backend_is_node};
 pub use peers::Peer;
 pub use process::{Background, describe, run, run_ok, show, wait_for};
 pub use tempfile::TempDir;
