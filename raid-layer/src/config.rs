@@ -31,6 +31,10 @@ use nbdraid_engine::daemon::ListenAddrs;
 use nbdraid_engine::device::OpKind;
 use nbdraid_engine::throttle::ThrottleSettings;
 use nbdraid_proto::ByteSize;
+use nbdraid_proto::consts::{
+    GREETING_LEN, IHAVEOPT, NBD_MAGIC, OPTION_HEADER_LEN, OPTION_REPLY_HEADER_LEN, client_flags,
+    opt,
+};
 use nbdraid_proto::units::format_size;
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +54,8 @@ pub const DEFAULT_COPIES: usize = Geometry::DEFAULT_COPIES;
 /// The longest array name (the same bound as volume names).
 pub const MAX_NAME_LEN: usize = 128;
 
-/// How long `--check-config` waits for each member to accept a TCP connection.
+/// How long `--check-config` waits for each member to accept a TCP
+/// connection, and then for its NBD greeting.
 pub const MEMBER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A configuration that cannot be used; the message says what to change.
@@ -347,7 +352,9 @@ impl ArrayDaemonConfig {
 
     /// Checks what a start would check beyond the configuration itself:
     /// the data directory, and that every member of every configured
-    /// array accepts a TCP connection within [`MEMBER_PROBE_TIMEOUT`].
+    /// array accepts a TCP connection and greets as an NBD server within
+    /// [`MEMBER_PROBE_TIMEOUT`] (the negotiation is then aborted: no
+    /// export is opened).
     /// Changes nothing on disk; reports every unreachable member.
     pub fn check_environment(&self) -> Result<(), ConfigError> {
         check_data_dir(&self.data_dir)?;
@@ -393,8 +400,11 @@ fn member_key(uri: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Connects to the member's host:port and hangs up; the error says why it
-/// failed, in words that follow "member URI".
+/// Connects to the member's host:port, reads an NBD server's greeting and
+/// ends the negotiation with `NBD_OPT_ABORT` (so the server sees a polite
+/// client, not a reset); the error says why it failed, in words that follow
+/// "member URI". A bare TCP connect would prove little: a proxy or
+/// firewall may accept anything.
 fn probe_member(uri: &str, timeout: Duration) -> Result<(), String> {
     let (addr, _) = member_key(uri).map_err(|e| format!("is not usable: {e}"))?;
     let resolved: Vec<SocketAddr> = addr
@@ -403,15 +413,58 @@ fn probe_member(uri: &str, timeout: Duration) -> Result<(), String> {
         .collect();
     let mut last = format!("cannot resolve {addr}: no addresses");
     for a in resolved {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(_) => return Ok(()),
+        let stream = match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 last = format!("{a}: no answer within {} s", timeout.as_secs());
+                continue;
             }
-            Err(e) => last = format!("{a}: {e}"),
-        }
+            Err(e) => {
+                last = format!("{a}: {e}");
+                continue;
+            }
+        };
+        let not_nbd =
+            |why: String| format!("is not an NBD server: {a} accepts connections but {why}");
+        return match greet_and_abort(stream, timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(not_nbd("its greeting is not NBDMAGIC".into())),
+            Err(e) => Err(not_nbd(match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("sent no NBD greeting within {} s", timeout.as_secs())
+                }
+                std::io::ErrorKind::UnexpectedEof => "closes them without an NBD greeting".into(),
+                _ => format!("then fails: {e}"),
+            })),
+        };
     }
     Err(format!("is unreachable ({last})"))
+}
+
+/// Reads the greeting on `stream`; returns whether it is an NBD server's,
+/// after aborting the negotiation of a newstyle one.
+fn greet_and_abort(mut stream: TcpStream, timeout: Duration) -> std::io::Result<bool> {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut greeting = [0u8; GREETING_LEN];
+    stream.read_exact(&mut greeting[..8])?;
+    if greeting[..8] != NBD_MAGIC.to_be_bytes() {
+        return Ok(false);
+    }
+    stream.read_exact(&mut greeting[8..16])?;
+    if greeting[8..16] == IHAVEOPT.to_be_bytes() {
+        stream.read_exact(&mut greeting[16..])?;
+        let mut abort = Vec::with_capacity(4 + OPTION_HEADER_LEN);
+        abort.extend_from_slice(&client_flags::FIXED_NEWSTYLE.to_be_bytes());
+        abort.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        abort.extend_from_slice(&opt::ABORT.to_be_bytes());
+        abort.extend_from_slice(&0u32.to_be_bytes());
+        stream.write_all(&abort)?;
+        // The server's acknowledgement; a server may also just close.
+        let _ = stream.read(&mut [0u8; OPTION_REPLY_HEADER_LEN]);
+    }
+    Ok(true)
 }
 
 /// Checks an array (export) name: 1-128 characters of `A-Z a-z 0-9 . _ -`,
@@ -843,35 +896,64 @@ mod tests {
         t.check().unwrap();
     }
 
+    /// Returns the address of a listener that greets every connection as
+    /// an NBD server does (and then hangs up).
+    fn fake_nbd_server() -> SocketAddr {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut greeting = NBD_MAGIC.to_be_bytes().to_vec();
+                greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                greeting.extend_from_slice(&[0, 3]);
+                let _ = s.write_all(&greeting);
+            }
+        });
+        addr
+    }
+
     #[test]
     fn environment_checks() {
         let dir = tempfile::tempdir().unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let up = listener.local_addr().unwrap();
+        let nbd = fake_nbd_server();
+        // Accepts connections (the kernel's backlog) but says nothing.
+        let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // A port nothing listens on: bound, then closed.
         let down = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
+        let mut a = spec("m", Level::Raid1, 2);
+        a.members = vec![format!("nbd://{nbd}/x"), format!("nbd://{nbd}/y")];
         let mut c = ArrayDaemonConfig {
             data_dir: dir.path().join("new"),
-            ..Default::default()
-        };
-        let mut a = spec("m", Level::Raid1, 2);
-        a.members = vec![format!("nbd://{up}/x"), format!("nbd://{up}/y")];
-        c = ArrayDaemonConfig {
-            arrays: config(vec![a.clone()]).arrays,
-            ..c
+            ..config(vec![a.clone()])
         };
         c.check_environment().unwrap();
+
         a.members[1] = format!("nbd://{down}/y");
-        c.arrays = config(vec![a]).arrays;
+        let mut b = spec("n", Level::Raid1, 2);
+        b.members = vec![
+            format!("nbd://{nbd}/z"),
+            format!("nbd://{}/w", mute.local_addr().unwrap()),
+        ];
+        c.arrays = config(vec![a, b]).arrays;
         let m = c.check_environment().unwrap_err().0;
+        let lines: Vec<&str> = m.lines().collect();
+        assert_eq!(lines.len(), 2, "{m}");
         assert!(
-            m.contains("array \"m\": member nbd://") && m.contains("/y is unreachable"),
+            lines[0].starts_with("array \"m\": member nbd://")
+                && lines[0].contains("/y is unreachable"),
             "{m}"
         );
-        assert!(!m.contains("/x"), "{m}");
+        assert!(
+            lines[1].starts_with("array \"n\": member nbd://")
+                && lines[1].contains("/w is not an NBD server")
+                && lines[1].contains("sent no NBD greeting"),
+            "{m}"
+        );
 
         let file = dir.path().join("file");
         std::fs::write(&file, b"").unwrap();
@@ -879,8 +961,9 @@ mod tests {
         assert!(m.contains("is not a directory"), "{m}");
         let m = check_data_dir(&file.join("sub")).unwrap_err().0;
         assert!(m.contains("part of its path is a file"), "{m}");
+        c.data_dir = file;
+        assert!(c.check_environment().unwrap_err().0.contains("data dir"));
         prepare_data_dir(&dir.path().join("a/b")).unwrap();
         assert!(dir.path().join("a/b").is_dir());
-        drop(listener);
     }
 }
