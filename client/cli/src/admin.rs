@@ -73,26 +73,31 @@ pub enum NodeCmd {
     },
 }
 
-async fn connect(node: &str) -> Result<NodeClient<Channel>> {
-    let url = if node.contains("://") {
-        node.to_string()
+/// Opens a gRPC channel to a daemon's control plane at `addr` (`host:port`
+/// or a URL); `what` names the daemon in errors ("node", "array daemon").
+pub async fn channel(addr: &str, what: &str) -> Result<Channel> {
+    let url = if addr.contains("://") {
+        addr.to_string()
     } else {
-        format!("http://{node}")
+        format!("http://{addr}")
     };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad node address {node:?}"))?
+    tonic::transport::Endpoint::from_shared(url)
+        .with_context(|| format!("bad {what} address {addr:?}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .connect()
         .await
         .with_context(|| {
-            format!("cannot reach node at {node} (is --grpc-listen set on the node?)")
-        })?;
-    Ok(NodeClient::new(channel))
+            format!("cannot reach {what} at {addr} (is --grpc-listen set on the {what}?)")
+        })
 }
 
-/// Turns a gRPC status into an error carrying the node's own message.
-fn status(e: tonic::Status) -> anyhow::Error {
+async fn connect(node: &str) -> Result<NodeClient<Channel>> {
+    Ok(NodeClient::new(channel(node, "node").await?))
+}
+
+/// Turns a gRPC status into an error carrying the daemon's own message.
+pub fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 

@@ -6,11 +6,13 @@
 //! - `bench URI`: a load generator on the completion ring ([`bench`]).
 //! - `volume ...`, `node info`: a storage node's admin service over gRPC
 //!   ([`admin`]).
+//! - `array ...`: an array daemon's admin service over gRPC ([`array`]).
 //!
 //! Every error ends the process with status 1 and one message on stderr;
 //! usage errors exit with status 2 (clap's convention).
 
 mod admin;
+mod array;
 mod bench;
 mod cp;
 mod info;
@@ -53,6 +55,14 @@ enum Command {
         #[command(subcommand)]
         cmd: admin::NodeCmd,
     },
+    /// Create, list, inspect, re-add members of and check RAID arrays on an
+    /// array daemon.
+    Array {
+        #[command(flatten)]
+        array: array::ArrayAddr,
+        #[command(subcommand)]
+        cmd: array::ArrayCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Bench(a) => bench::run(a).await,
             Command::Volume { node, cmd } => admin::volume(&node.node, cmd).await,
             Command::Node { node, cmd } => admin::node(&node.node, cmd).await,
+            Command::Array { array, cmd } => array::run(&array.array, cmd).await,
         }
     })
 }
