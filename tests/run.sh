@@ -20,8 +20,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== build"
-cargo build --workspace --bins
+# No separate build step: clippy compiles every target, and the test
+# harness builds the binaries under test itself, once, with the features
+# the tests need (tests/harness/src/bins.rs), so no two builds of a daemon
+# overwrite each other.
 echo "== tests"
 NBDRAID_TEST_REQUIRE_TOOLS=1 cargo test --workspace --no-fail-fast
 echo "== all tests passed"

@@ -4,7 +4,7 @@
 # and four connections, on `nbdkit memory` and on `nbdraid-node` (volume on
 # /dev/shm). Reports IOPS and client CPU seconds per million I/Os for both,
 # and the ratio ours/fio. Builds release binaries first, then runs
-# client.py (Python 3, stdlib only; helpers from peers.py). Options:
+# client.py (Python 3, stdlib only; helpers in benchlib.py). Options:
 # client.sh --help.
 #
 #   deploy/bench/client.sh --quick                  # smoke test
