@@ -6,7 +6,7 @@
 //! with the daemon's own words, the same ones its configuration gets.
 
 use std::io::IsTerminal;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -19,7 +19,6 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use crate::admin::{channel, status};
-use crate::cp::LineLog;
 use crate::units::human;
 
 /// Which array daemon to talk to (`--array`, for every `array` subcommand).
@@ -230,21 +229,16 @@ async fn check(
         println!("check of {name} started; follow it with: nbdraid array status {name}");
         return Ok(());
     }
-    let bar = check_bar(quiet);
+    let mut progress = CheckProgress::new(name, quiet);
     while report.running {
-        show_progress(&bar, &report);
+        progress.show(&report);
         tokio::time::sleep(POLL).await;
         report = get_status(c, name)
             .await?
             .check
             .with_context(|| format!("the array daemon no longer reports a check of {name}"))?;
     }
-    show_progress(&bar, &report);
-    if std::io::stderr().is_terminal() {
-        bar.finish_and_clear();
-    } else {
-        bar.finish();
-    }
+    progress.finish();
     if json {
         println!("{}", check_json(&report));
     } else {
@@ -260,34 +254,67 @@ async fn check(
     Ok(())
 }
 
-/// Returns the check's progress display: a bar on a terminal, one plain
-/// line a second when stderr is a pipe or file (as `cp --progress`).
-fn check_bar(quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let tty = std::io::stderr().is_terminal();
-    let target = if tty {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::term_like_with_hz(Box::new(LineLog), 1)
-    };
-    let bar = ProgressBar::with_draw_target(Some(0), target);
-    if let Ok(style) =
-        ProgressStyle::with_template("check {bytes:>10}/{total_bytes} [{wide_bar}] {msg}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
+/// How often a check's progress is written when stderr is not a terminal.
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// A running check's progress on stderr: a bar on a terminal; on a pipe
+/// or file, a plain line every [`PLAIN_EVERY`] (a log gets no cursor
+/// movement and no flood of redraws).
+enum CheckProgress {
+    Hidden,
+    Bar(ProgressBar),
+    Lines { name: String, last: Option<Instant> },
 }
 
-fn show_progress(bar: &ProgressBar, report: &grpc::CheckReport) {
-    let Some(p) = &report.progress else {
-        return;
-    };
-    bar.set_length(p.total);
-    bar.set_position(p.done);
-    bar.set_message(format!("{}, {} mismatches", rate_eta(p), report.mismatches));
+impl CheckProgress {
+    fn new(name: &str, quiet: bool) -> Self {
+        if quiet {
+            return CheckProgress::Hidden;
+        }
+        if !std::io::stderr().is_terminal() {
+            return CheckProgress::Lines {
+                name: name.to_string(),
+                last: None,
+            };
+        }
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("check {bytes:>10}/{total_bytes} [{wide_bar}] {msg}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        CheckProgress::Bar(bar)
+    }
+
+    fn show(&mut self, report: &grpc::CheckReport) {
+        let Some(p) = &report.progress else {
+            return;
+        };
+        match self {
+            CheckProgress::Hidden => {}
+            CheckProgress::Bar(bar) => {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                bar.set_message(format!("{}, {} mismatches", rate_eta(p), report.mismatches));
+            }
+            CheckProgress::Lines { name, last } => {
+                if last.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
+                    eprintln!(
+                        "check of {name}: {}, {} mismatches so far",
+                        progress_line(p),
+                        report.mismatches
+                    );
+                    *last = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        if let CheckProgress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Formats seconds as `1h02m03s`, `2m03s` or `12s`.

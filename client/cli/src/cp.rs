@@ -149,7 +149,7 @@ pub async fn run(args: Args) -> Result<()> {
 /// Progress on a stderr that is not a terminal (`--progress` into a log):
 /// one plain line per redraw, no cursor movement.
 #[derive(Debug)]
-pub(crate) struct LineLog;
+struct LineLog;
 
 impl TermLike for LineLog {
     fn width(&self) -> u16 {
