@@ -1,11 +1,12 @@
 //! `nbdraid volume ...` and `nbdraid node ...`: a storage node's gRPC
-//! admin service.
+//! admin service (and, on testing builds, its fault injection).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use nbdraid_proto::ByteSize;
+use nbdraid_proto::grpc::fault_client::FaultClient;
 use nbdraid_proto::grpc::node_client::NodeClient;
 use nbdraid_proto::grpc::{self};
 use nbdraid_proto::units::format_size;
@@ -71,6 +72,76 @@ pub enum NodeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// FOR TESTING ONLY: inject a storage fault into a volume (nodes built
+    /// with the `fault-injection` feature). Each call replaces the volume's
+    /// faults: what is not given is off.
+    Fault(FaultArgs),
+}
+
+/// `nbdraid node fault`: the volume's complete fault settings.
+#[derive(Debug, clap::Args)]
+pub struct FaultArgs {
+    /// Volume name.
+    pub volume: String,
+    /// Microseconds added to every storage operation.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub delay_us: u64,
+    /// Storage bandwidth limit per second, e.g. 10M (0: none).
+    #[arg(long, value_name = "SIZE", default_value = "0")]
+    pub bandwidth: ByteSize,
+    /// Reads (and cache, block status) fail with EIO.
+    #[arg(long)]
+    pub fail_reads: bool,
+    /// Writes (and trim, write zeroes) fail with EIO.
+    #[arg(long)]
+    pub fail_writes: bool,
+    /// Flushes fail with EIO.
+    #[arg(long)]
+    pub fail_flush: bool,
+    /// Every operation waits until a later call clears this (a stopped disk).
+    #[arg(long)]
+    pub hang: bool,
+    /// Clear every fault of the volume.
+    #[arg(long, conflicts_with_all = ["delay_us", "bandwidth", "fail_reads", "fail_writes", "fail_flush", "hang"])]
+    pub clear: bool,
+}
+
+impl FaultArgs {
+    /// Returns the request, and a description of what it sets.
+    fn request(&self) -> (grpc::SetFaultRequest, String) {
+        let mut what = Vec::new();
+        if self.delay_us > 0 {
+            what.push(format!("delay {}us", self.delay_us));
+        }
+        if self.bandwidth.0 > 0 {
+            what.push(format!("bandwidth {}/s", self.bandwidth));
+        }
+        for (on, name) in [
+            (self.fail_reads, "failing reads"),
+            (self.fail_writes, "failing writes"),
+            (self.fail_flush, "failing flushes"),
+            (self.hang, "hanging"),
+        ] {
+            if on {
+                what.push(name.to_string());
+            }
+        }
+        let what = if what.is_empty() {
+            "no faults".to_string()
+        } else {
+            what.join(", ")
+        };
+        let req = grpc::SetFaultRequest {
+            volume: self.volume.clone(),
+            delay_us: self.delay_us,
+            bandwidth: self.bandwidth.0,
+            fail_reads: self.fail_reads,
+            fail_writes: self.fail_writes,
+            fail_flush: self.fail_flush,
+            hang: self.hang,
+        };
+        (req, what)
+    }
 }
 
 /// Opens a gRPC channel to a daemon's control plane at `addr` (`host:port`
@@ -201,40 +272,139 @@ pub async fn volume(node: &str, cmd: VolumeCmd) -> Result<()> {
 
 /// Runs a `node` subcommand against the node at `node`.
 pub async fn node(node: &str, cmd: NodeCmd) -> Result<()> {
-    let mut c = connect(node).await?;
     match cmd {
-        NodeCmd::Info { json } => {
-            let i = c
-                .node_info(grpc::NodeInfoRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "uuid": i.uuid, "version": i.version, "capacity": i.capacity,
-                        "available": i.available, "uptime_secs": i.uptime_secs,
-                        "nbd_addr": i.nbd_addr, "volumes": i.volumes,
-                        "created_unix": i.created_unix, "fault_injection": i.fault_injection,
-                    })
-                );
-            } else {
-                println!("node      {}", i.uuid);
-                println!("version   {}", i.version);
-                println!("nbd       {}", i.nbd_addr);
-                println!("volumes   {}", i.volumes);
-                println!(
-                    "throttle  {} capacity, {} available",
-                    format_size(i.capacity),
-                    format_size(i.available)
-                );
-                println!("uptime    {}s", i.uptime_secs);
-                if i.fault_injection {
-                    println!("WARNING   built with fault injection (testing only)");
-                }
-            }
+        NodeCmd::Info { json } => info(node, json).await,
+        NodeCmd::Fault(args) => fault(node, &args).await,
+    }
+}
+
+/// Prints the node's identity, version, capacity and uptime.
+async fn info(node: &str, json: bool) -> Result<()> {
+    let mut c = connect(node).await?;
+    let i = c
+        .node_info(grpc::NodeInfoRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "uuid": i.uuid, "version": i.version, "capacity": i.capacity,
+                "available": i.available, "uptime_secs": i.uptime_secs,
+                "nbd_addr": i.nbd_addr, "volumes": i.volumes,
+                "created_unix": i.created_unix, "fault_injection": i.fault_injection,
+            })
+        );
+    } else {
+        println!("node      {}", i.uuid);
+        println!("version   {}", i.version);
+        println!("nbd       {}", i.nbd_addr);
+        println!("volumes   {}", i.volumes);
+        println!(
+            "throttle  {} capacity, {} available",
+            format_size(i.capacity),
+            format_size(i.available)
+        );
+        println!("uptime    {}s", i.uptime_secs);
+        if i.fault_injection {
+            println!("WARNING   built with fault injection (testing only)");
         }
     }
     Ok(())
+}
+
+/// Sets the faults of a volume on a node built with fault injection.
+async fn fault(node: &str, args: &FaultArgs) -> Result<()> {
+    let (req, what) = args.request();
+    let mut c = FaultClient::new(channel(node, "node").await?);
+    c.set_fault(req).await.map_err(|e| {
+        if e.code() == tonic::Code::Unimplemented {
+            anyhow::anyhow!(
+                "the node at {node} was not built with fault injection (the `fault-injection` feature)"
+            )
+        } else {
+            status(e)
+        }
+    })?;
+    println!("{}: {what}", args.volume);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(argv: &[&str]) -> Result<(String, NodeCmd), clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("nbdraid").chain(argv.iter().copied()))?;
+        match cli.command {
+            Command::Node { node, cmd } => Ok((node.node, cmd)),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn fault(argv: &[&str]) -> (String, grpc::SetFaultRequest, String) {
+        match parse(argv).unwrap() {
+            (node, NodeCmd::Fault(a)) => {
+                let (req, what) = a.request();
+                (node, req, what)
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fault_sets_every_field_and_the_rest_off() {
+        let (node, req, what) = fault(&[
+            "node",
+            "fault",
+            "vol",
+            "--delay-us",
+            "250",
+            "--bandwidth",
+            "10M",
+            "--fail-writes",
+            "--hang",
+            "--node",
+            "10.0.0.1:7000",
+        ]);
+        assert_eq!(node, "10.0.0.1:7000");
+        assert_eq!(
+            req,
+            grpc::SetFaultRequest {
+                volume: "vol".into(),
+                delay_us: 250,
+                bandwidth: 10 << 20,
+                fail_reads: false,
+                fail_writes: true,
+                fail_flush: false,
+                hang: true,
+            }
+        );
+        assert_eq!(
+            what,
+            "delay 250us, bandwidth 10M/s, failing writes, hanging"
+        );
+        let (_, req, what) = fault(&["node", "fault", "vol", "--clear"]);
+        assert_eq!(
+            req,
+            grpc::SetFaultRequest {
+                volume: "vol".into(),
+                ..Default::default()
+            }
+        );
+        assert_eq!(what, "no faults");
+    }
+
+    #[test]
+    fn fault_clear_conflicts_with_a_fault() {
+        let e = parse(&["node", "fault", "vol", "--clear", "--fail-reads"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        assert!(
+            parse(&["node", "fault", "--fail-reads"]).is_err(),
+            "a volume is required"
+        );
+    }
 }
