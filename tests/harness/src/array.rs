@@ -10,6 +10,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::process::{Command, ExitStatus, Output};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tempfile::TempDir;
@@ -191,6 +192,32 @@ impl ArrayDaemon {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// Polls [`ArrayDaemon::status`] until `pred` holds and returns that
+    /// status; panics (hang detector) with the last status and the log's
+    /// tail if it does not within `timeout`.
+    pub fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status(name);
+            if pred(&status) {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "hang detector: array {name}: {what} not seen within {timeout:?}; last status:\n{status:#}\n{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tempfile::TempDir;
 
-use crate::bins::node_binary;
+use crate::bins::{cli_binary, hang, node_binary};
 use crate::daemon::{DaemonProc, Launch, Ready};
 use crate::data::parse_size;
+use crate::process::run_ok;
 use crate::tools::tool;
 
 /// Which server the harness runs (see the crate docs).
@@ -278,6 +279,23 @@ impl Node {
     /// `GET /metrics` from the metrics listener.
     pub fn metrics_text(&self) -> Result<String> {
         self.proc.metrics_text()
+    }
+
+    /// Sets the injected faults of `volume` with `nbdraid node fault VOLUME
+    /// FLAGS --node GRPC` (e.g. `&["--fail-writes"]`, `&["--hang"]`,
+    /// `&["--clear"]`; each call replaces the volume's faults). Needs the
+    /// node's gRPC listener ([`NodeBuilder::grpc`]); panics with the CLI's
+    /// output if the fault cannot be set.
+    pub fn set_fault(&self, volume: &str, flags: &[&str]) {
+        let grpc = self
+            .grpc_addr()
+            .unwrap_or_else(|| panic!("set_fault({volume}): the node has no gRPC listener"));
+        let mut cmd = Command::new(cli_binary());
+        cmd.args(["node", "fault", volume])
+            .args(flags)
+            .arg("--node")
+            .arg(grpc.to_string());
+        run_ok(&mut cmd, hang(60));
     }
 }
 

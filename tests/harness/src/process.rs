@@ -158,6 +158,14 @@ impl Background {
         }
     }
 
+    /// Reports whether the process is still running (reaping it if not).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(_))) | Some(Err(_)) | None => false,
+        }
+    }
+
     /// Snapshot of the stdout lines so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("lock").clone()
