@@ -228,8 +228,12 @@ impl ArrayInner {
         Ok(())
     }
 
-    /// BLOCK_STATUS: exact from the members for RAID 0/1/10 (for the piece
-    /// holding `offset`), conservative (all data) for RAID 5/6.
+    /// BLOCK_STATUS for the piece holding `offset`, as the member holding
+    /// its data reports it: a copy (RAID 1/10), the chunk (RAID 0), or the
+    /// data chunk (RAID 5/6: reads come from there while it is in sync, so
+    /// what it reads as is what the array reads as; parity never matters).
+    /// With that member out of sync (a degraded RAID 5/6 read reconstructs),
+    /// the answer is "all data", which is always correct.
     pub(crate) async fn block_status(
         &self,
         offset: u64,
@@ -240,9 +244,7 @@ impl ArrayInner {
             return Err(self.failed_error("block_status"));
         }
         let data = |len| vec![Extent { len, flags: 0 }];
-        if matches!(self.layout.level(), Level::Raid5 | Level::Raid6) {
-            return Ok(data(len));
-        }
+        let parity = matches!(self.layout.level(), Level::Raid5 | Level::Raid6);
         let piece = self
             .layout
             .map(offset, len)
@@ -257,6 +259,9 @@ impl ArrayInner {
             .filter(|l| self.members[l.member].readable())
             .min_by_key(|l| self.members[l.member].outstanding())
         else {
+            if parity {
+                return Ok(data(piece.len));
+            }
             return Err(self.failed_error("block_status"));
         };
         let member = &self.members[loc.member];
