@@ -384,7 +384,12 @@ impl ArrayMeta {
             }
             for slot in failed {
                 array.members[slot].set_state(MemberState::Faulty);
-                let at_event = st.sb.events + 1;
+                // The update it missed is this one, not the next (which
+                // records the failure): the member holds at least the
+                // previous events, and everything written after this
+                // update is in the bitmap, so a re-add from the bitmap
+                // covers it (`record_failure`'s rule: own + 1 >= at_event).
+                let at_event = st.sb.events;
                 if let Some(role) = st.sb.roles.get_mut(slot) {
                     role.state = superblock::MemberState::Faulty { at_event };
                     role.errors += 1;
