@@ -1,8 +1,11 @@
 //! Assembly: from a spec (configured member URIs in slot order) to a
 //! running [`Array`], by reading every member's superblocks.
 //!
-//! - All members blank (no superblock of ours; or another array's with
-//!   `overwrite`): the array is **created**: geometry from the smallest
+//! - No member holds this array (the uuid the state store recorded, or
+//!   else a superblock under this array's name): the array is
+//!   **created**, over blank members only (members holding another array
+//!   or damaged superblocks are refused unless `overwrite`, never
+//!   assembled under this name): geometry from the smallest
 //!   member (and said so when they differ), new uuids, a zeroed bitmap and
 //!   clean when every member's data area reads as zeroes (block status),
 //!   else a full bitmap and a resync in the background; superblocks last.
@@ -117,12 +120,27 @@ pub async fn assemble(
 ) -> Result<(Array, Notes), AdminError> {
     let name = &spec.name;
     let probes = probe(spec, settings).await;
-    let ours = |p: &Probe| matches!(&p.read, Some(SbRead::Valid { sb, .. }) if !spec.overwrite || expected.is_some_and(|u| u == sb.array_uuid));
-    let any_ours = probes.iter().any(ours);
-    let any_valid = probes
-        .iter()
-        .any(|p| matches!(p.read, Some(SbRead::Valid { .. })));
-    if !any_valid || (spec.overwrite && !any_ours && expected.is_none()) {
+    fn valid(p: &Probe) -> Option<&Superblock> {
+        match &p.read {
+            Some(SbRead::Valid { sb, .. }) => Some(sb),
+            _ => None,
+        }
+    }
+    // This array is the one the state store recorded or, for an array it
+    // does not know (a `create`, or a configured array met for the first
+    // time), the one its members' superblocks record under this name: a
+    // member holding another array is foreign to it, and `create` over
+    // such members refuses them unless told to overwrite.
+    let this_array = expected.or_else(|| {
+        probes
+            .iter()
+            .filter_map(valid)
+            .filter(|sb| sb.array_name == *name)
+            .max_by_key(|sb| sb.events)
+            .map(|sb| sb.array_uuid)
+    });
+    let any_valid = probes.iter().any(|p| valid(p).is_some());
+    if !any_valid || (expected.is_none() && (spec.overwrite || this_array.is_none())) {
         return create(spec, probes, settings, pool, model).await;
     }
     // Assemble from the members' superblocks.
@@ -139,7 +157,7 @@ pub async fn assemble(
         .zip(&sbs)
         .map(|(uri, sb)| Found { uri, sb: *sb })
         .collect();
-    let assessment = assess(&found, expected);
+    let assessment = assess(&found, this_array);
     let Some(auth) = assessment.superblock.clone() else {
         let lines: Vec<String> = assessment.members.iter().map(|r| r.to_string()).collect();
         return Err(AdminError::Refused(format!(
