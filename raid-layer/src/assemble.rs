@@ -15,7 +15,8 @@
 //!   and recorded faulty, to be re-added; a foreign member, one in the
 //!   wrong role, a corrupt or unreachable one is left out with a message
 //!   naming it, what it holds and what was expected. The array starts
-//!   degraded if its level allows, else not at all.
+//!   degraded if its level allows, else not at all (refused before
+//!   anything is written to its members).
 //! - A dirty array (not marked clean: a crash) resyncs the regions its
 //!   bitmap marks, in the background, while it serves. A RAID 5/6 array
 //!   that is both dirty and degraded is refused unless forced: parity of
@@ -277,6 +278,23 @@ pub async fn assemble(
         meta.clone(),
         model,
     );
+    // Refused before anything is written: recording the members left out
+    // as failed would make a fixable mistake (members swapped in the
+    // configuration, a node down) permanent.
+    if array.inner().is_failed() {
+        let out: Vec<usize> = array
+            .inner()
+            .members
+            .iter()
+            .filter(|m| !m.writable())
+            .map(|m| m.slot)
+            .collect();
+        return Err(AdminError::Refused(format!(
+            "array {name:?} ({level}) cannot start: members {out:?} are out, more than {level} tolerates; \
+             nothing was written to its members: {}",
+            notes.warnings.join("; ")
+        )));
+    }
     for slot in newly_lost {
         meta.record_failure(array.inner(), slot, "not in sync at assembly")
             .await;
