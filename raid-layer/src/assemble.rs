@@ -41,7 +41,7 @@ use crate::manager::ManagerSettings;
 use crate::member::{Member, MemberState, member_client_config};
 use crate::meta::{
     BITMAP_OFFSET, BITMAP_PAGE_SIZE, Bitmap, DEFAULT_DATA_OFFSET, Found, MemberStatus,
-    SB_SLOT_SIZE, SbRead, Slot, Superblock, assess, geometry_for, read_copies, superblock,
+    SB_B_OFFSET, SB_SLOT_SIZE, SbRead, Slot, Superblock, assess, geometry_for, read_copies, superblock,
 };
 
 /// What assembly found besides the array: messages for operators.
@@ -492,8 +492,12 @@ async fn create(
     }
     sb.clean = zero;
     // The bitmap first, the superblocks last: until they are written the
-    // members are still blank.
+    // members are still blank. Slot B is zeroed (a previous array's copy
+    // there could otherwise outrank the new copy A).
     for m in &members {
+        m.write_raw(SB_B_OFFSET, Bytes::from(vec![0u8; SB_SLOT_SIZE as usize]), false)
+            .await
+            .map_err(|e| AdminError::Unavailable(format!("cannot create array {name:?}: {e}")))?;
         for page in 0..bitmap_geometry.pages() {
             let bytes = Bytes::from(bitmap.page_bytes(page));
             m.write_raw(BITMAP_OFFSET + page * BITMAP_PAGE_SIZE, bytes, false)

@@ -560,67 +560,15 @@ pub fn validate_spec(spec: &ArraySpec) -> Result<(), AdminError> {
     Ok(())
 }
 
-/// Returns the nearest existing ancestor of `dir` (itself if it exists).
-fn existing_ancestor(dir: &Path) -> Option<&Path> {
-    dir.ancestors()
-        .find(|a| !a.as_os_str().is_empty() && a.exists())
-}
-
-fn writable(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path; access() only reads it.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
-}
-
-/// Checks that the data directory is usable, as a start would find it: a
-/// writable directory, or creatable under a writable one. The message says
-/// what is wrong. (The node checks its own the same way.)
+/// Checks the data directory as a start would (see
+/// [`nbdraid_engine::daemon::check_data_dir`]).
 pub fn check_data_dir(dir: &Path) -> Result<(), ConfigError> {
-    let shown = dir.display();
-    match std::fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => Err(ConfigError(format!(
-            "data dir {shown} exists and is not a directory"
-        ))),
-        Ok(_) if !writable(dir) => Err(ConfigError(format!(
-            "data dir {shown} is not writable by this user"
-        ))),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let Some(parent) = existing_ancestor(dir) else {
-                return Err(ConfigError(format!("data dir {shown} cannot be created")));
-            };
-            if !parent.is_dir() {
-                return Err(ConfigError(format!(
-                    "cannot create data dir {shown}: {} is not a directory",
-                    parent.display()
-                )));
-            }
-            if !writable(parent) {
-                return Err(ConfigError(format!(
-                    "cannot create data dir {shown}: {} is not writable by this user",
-                    parent.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(ConfigError(format!(
-            "cannot access data dir {shown}: permission denied"
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(ConfigError(format!(
-            "cannot create data dir {shown}: part of its path is a file, not a directory"
-        ))),
-        Err(e) => Err(ConfigError(format!("cannot access data dir {shown}: {e}"))),
-    }
+    nbdraid_engine::daemon::check_data_dir(dir).map_err(ConfigError)
 }
 
 /// Checks the data directory and creates it if missing.
 pub fn prepare_data_dir(dir: &Path) -> Result<(), ConfigError> {
-    check_data_dir(dir)?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| ConfigError(format!("cannot create data dir {}: {e}", dir.display())))
+    nbdraid_engine::daemon::prepare_data_dir(dir).map_err(ConfigError)
 }
 
 #[cfg(test)]

@@ -163,6 +163,62 @@ pub fn remove_ready_file(path: &Path) {
     }
 }
 
+/// Returns the nearest existing ancestor of `dir` (itself if it exists).
+pub fn existing_ancestor(dir: &Path) -> Option<&Path> {
+    dir.ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.exists())
+}
+
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path; access() only reads it.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+/// Checks that a daemon's data directory is usable, as a start would find
+/// it: a writable directory, or creatable under a writable one. The error
+/// says what is wrong, in words a user can act on.
+pub fn check_data_dir(dir: &Path) -> Result<(), String> {
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(format!("data dir {shown} exists and is not a directory")),
+        Ok(_) if !writable(dir) => Err(format!("data dir {shown} is not writable by this user")),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(parent) = existing_ancestor(dir) else {
+                return Err(format!("data dir {shown} cannot be created"));
+            };
+            if !parent.is_dir() {
+                return Err(format!(
+                    "cannot create data dir {shown}: {} is not a directory",
+                    parent.display()
+                ));
+            }
+            if !writable(parent) {
+                return Err(format!(
+                    "cannot create data dir {shown}: {} is not writable by this user",
+                    parent.display()
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(format!("cannot access data dir {shown}: permission denied"))
+        }
+        Err(e) => Err(format!("cannot access data dir {shown}: {e}")),
+    }
+}
+
+/// Checks the data directory ([`check_data_dir`]) and creates it if missing.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), String> {
+    check_data_dir(dir)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))
+}
+
 /// What a daemon serves besides NBD.
 pub struct Services {
     /// The layer's `Throttle` service.

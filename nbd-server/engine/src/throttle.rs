@@ -45,6 +45,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nbdraid_proto::ByteSize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
@@ -154,6 +156,50 @@ pub struct ThrottleSettings {
     pub largest_request: u64,
     /// Whether admission is limited (a disabled throttle only counts).
     pub enabled: bool,
+}
+
+/// A daemon's writeout throttle configuration (its `[throttle]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ThrottleConfig {
+    /// Memory budget for request buffers, in bytes (`256M`).
+    pub capacity: ByteSize,
+    /// Part of the capacity reserved for background traffic (rebuild,
+    /// resync, scrub); default a quarter, at least the largest request.
+    pub background_reserve: Option<ByteSize>,
+    /// Seconds a grant's lease lives without a renewal.
+    pub lease_ttl_secs: u64,
+    /// Turn the throttle off (for measurements only: memory is then unbounded).
+    pub enabled: bool,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            capacity: ByteSize(256 << 20),
+            background_reserve: None,
+            lease_ttl_secs: 10,
+            enabled: true,
+        }
+    }
+}
+
+impl ThrottleConfig {
+    /// Returns the division this configuration asks for, given the cost of
+    /// the largest request the layer accepts (every share holds at least one).
+    pub fn settings(&self, largest_request: u64) -> ThrottleSettings {
+        let capacity = self.capacity.0;
+        let background_reserve = match self.background_reserve {
+            Some(b) => b.0,
+            None => (capacity / 4).max(largest_request),
+        };
+        ThrottleSettings {
+            capacity,
+            background_reserve,
+            largest_request,
+            enabled: self.enabled,
+        }
+    }
 }
 
 impl ThrottleSettings {

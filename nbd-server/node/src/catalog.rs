@@ -86,15 +86,30 @@ fn db_err(e: impl std::fmt::Display) -> Error {
     Error::Catalog(e.to_string())
 }
 
+/// Reports whether sled could not take the catalog's lock (another
+/// process holds it). sled reports that as an `Other` I/O error whose
+/// message says so (`could not acquire lock on ...`), not as `WouldBlock`.
+fn is_locked(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock")
+        }
+        _ => false,
+    }
+}
+
 /// Explains why the catalog at `path` cannot be opened, in words a user
 /// can act on (sled's own message is a debug dump for I/O errors).
 fn open_error(path: &Path, e: sled::Error) -> Error {
     let shown = path.display();
+    if is_locked(&e) {
+        return Error::Catalog(format!(
+            "the catalog {shown} is locked by another process: is another nbdraid-node using this data dir?"
+        ));
+    }
     match e {
         sled::Error::Io(io) => match io.kind() {
-            std::io::ErrorKind::WouldBlock => Error::Catalog(format!(
-                "the catalog {shown} is locked by another process: is another nbdraid-node using this data dir?"
-            )),
             std::io::ErrorKind::PermissionDenied => Error::Catalog(format!(
                 "cannot open the catalog {shown}: permission denied (check the data dir's owner and mode)"
             )),
@@ -116,10 +131,7 @@ impl SledCatalog {
                 .open()
             {
                 Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 Err(e) => return Err(open_error(path, e)),

@@ -119,31 +119,7 @@ impl FromStr for VolumeSpec {
     }
 }
 
-/// Writeout throttle settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ThrottleConfig {
-    /// Memory budget for request buffers, in bytes (`256M`).
-    pub capacity: ByteSize,
-    /// Part of the capacity reserved for background traffic (rebuild,
-    /// resync, scrub); default a quarter, at least the largest request.
-    pub background_reserve: Option<ByteSize>,
-    /// Seconds a grant's lease lives without a renewal.
-    pub lease_ttl_secs: u64,
-    /// Turn the throttle off (for measurements only: memory is then unbounded).
-    pub enabled: bool,
-}
-
-impl Default for ThrottleConfig {
-    fn default() -> Self {
-        Self {
-            capacity: ByteSize(256 << 20),
-            background_reserve: None,
-            lease_ttl_secs: 10,
-            enabled: true,
-        }
-    }
-}
+pub use nbdraid_engine::throttle::ThrottleConfig;
 
 /// Everything a node daemon is configured with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,17 +219,7 @@ impl NodeConfig {
     /// Returns the throttle division this configuration asks for.
     pub fn throttle_settings(&self) -> ThrottleSettings {
         let largest = self.cost_model().cost(OpKind::Write, self.max_payload.0);
-        let capacity = self.throttle.capacity.0;
-        let background_reserve = match self.throttle.background_reserve {
-            Some(b) => b.0,
-            None => (capacity / 4).max(largest),
-        };
-        ThrottleSettings {
-            capacity,
-            background_reserve,
-            largest_request: largest,
-            enabled: self.throttle.enabled,
-        }
+        self.throttle.settings(largest)
     }
 
     /// Checks the configuration as a whole; the message says what to change.
@@ -307,66 +273,15 @@ impl NodeConfig {
     }
 }
 
-/// Returns the nearest existing ancestor of `dir` (itself if it exists).
-fn existing_ancestor(dir: &Path) -> Option<&Path> {
-    dir.ancestors()
-        .find(|a| !a.as_os_str().is_empty() && a.exists())
-}
-
-fn writable(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path; access() only reads it.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
-}
-
-/// Checks that the data directory is usable, as a start would find it: a
-/// writable directory, or creatable under a writable one. The message says
-/// what is wrong.
+/// Checks the data directory as a start would (see
+/// [`nbdraid_engine::daemon::check_data_dir`]).
 pub fn check_data_dir(dir: &Path) -> Result<()> {
-    let shown = dir.display();
-    match std::fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => Err(Error::Config(format!(
-            "data dir {shown} exists and is not a directory"
-        ))),
-        Ok(_) if !writable(dir) => Err(Error::Config(format!(
-            "data dir {shown} is not writable by this user"
-        ))),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let Some(parent) = existing_ancestor(dir) else {
-                return Err(Error::Config(format!("data dir {shown} cannot be created")));
-            };
-            if !parent.is_dir() {
-                return Err(Error::Config(format!(
-                    "cannot create data dir {shown}: {} is not a directory",
-                    parent.display()
-                )));
-            }
-            if !writable(parent) {
-                return Err(Error::Config(format!(
-                    "cannot create data dir {shown}: {} is not writable by this user",
-                    parent.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Error::Config(format!(
-            "cannot access data dir {shown}: permission denied"
-        ))),
-        Err(e) => Err(Error::Config(format!(
-            "cannot access data dir {shown}: {e}"
-        ))),
-    }
+    nbdraid_engine::daemon::check_data_dir(dir).map_err(Error::Config)
 }
 
 /// Checks the data directory and creates it if missing.
 pub fn prepare_data_dir(dir: &Path) -> Result<()> {
-    check_data_dir(dir)?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Config(format!("cannot create data dir {}: {e}", dir.display())))
+    nbdraid_engine::daemon::prepare_data_dir(dir).map_err(Error::Config)
 }
 
 /// Checks that the file system under `dir` can hold a file of `size`
@@ -374,7 +289,7 @@ pub fn prepare_data_dir(dir: &Path) -> Result<()> {
 /// (nothing is left behind). File systems without `O_TMPFILE` pass.
 fn check_file_size(dir: &Path, name: &str, size: u64) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let Some(at) = existing_ancestor(dir) else {
+    let Some(at) = nbdraid_engine::daemon::existing_ancestor(dir) else {
         return Ok(());
     };
     let Ok(file) = std::fs::OpenOptions::new()

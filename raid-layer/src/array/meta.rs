@@ -286,7 +286,7 @@ impl ArrayMeta {
             return false;
         }
         let last = self.last_write_ms.load(Ordering::Relaxed);
-        if self.epoch.elapsed().as_millis() as u64 - last.min(u64::MAX) < idle.as_millis() as u64 {
+        if self.epoch.elapsed().as_millis() as u64 - last < idle.as_millis() as u64 {
             return false;
         }
         if array.flush_members().await.is_err() {
