@@ -208,6 +208,16 @@ pub fn check_data_dir(dir: &Path) -> Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             Err(format!("cannot access data dir {shown}: permission denied"))
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            // A parent is a file: name it.
+            match dir.ancestors().skip(1).find(|a| a.is_file()) {
+                Some(file) => Err(format!(
+                    "cannot create data dir {shown}: {} is a file, not a directory",
+                    file.display()
+                )),
+                None => Err(format!("cannot access data dir {shown}: {e}")),
+            }
+        }
         Err(e) => Err(format!("cannot access data dir {shown}: {e}")),
     }
 }

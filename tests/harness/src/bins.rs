@@ -36,9 +36,11 @@ pub fn hang(secs: u64) -> Duration {
 
 /// Root of the cargo workspace (`tests/..`).
 pub fn workspace_root() -> PathBuf {
+    // This crate lives in tests/harness.
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("tests/harness has a grandparent")
         .to_path_buf()
 }
 

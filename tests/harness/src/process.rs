@@ -166,6 +166,20 @@ impl Background {
         }
     }
 
+    /// Returns the PID of the process (and of its process group).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `sig` to the process's whole group (the one created for it):
+    /// what a terminal's Ctrl-C does to a foreground job.
+    pub fn signal_group(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain syscall; -pid is the process group created for this child.
+            unsafe { libc::kill(-(pid as i32), sig) };
+        }
+    }
+
     /// Snapshot of the stdout lines so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("lock").clone()
