@@ -193,7 +193,7 @@ impl Manager {
             if inner.meta.mark_clean_if_idle(inner, Duration::ZERO).await {
                 tracing::info!(array = %inner.name, "array marked clean");
             } else if !inner.meta.is_clean() {
-                tracing::warn!(array = %inner.name, "array left dirty (writes in flight, failed, or a member could not flush)");
+                tracing::warn!(array = %inner.name, "array left dirty (writes in flight, resync unfinished, failed, or a member could not flush)");
             }
         }
     }

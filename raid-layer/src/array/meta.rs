@@ -13,7 +13,10 @@
 //! # Clean and dirty (md's safe mode)
 //! The array is marked dirty (an update) before its first write after
 //! being clean, and clean again after it has been idle for the safe-mode
-//! delay, once every member has flushed ([`ArrayMeta::mark_clean_if_idle`]).
+//! delay, once every member has flushed ([`ArrayMeta::mark_clean_if_idle`]),
+//! but never while regions still await their resync after an unclean
+//! shutdown: the dirty mark is what makes the next start resync them if
+//! the daemon dies again before the resync is done.
 //! The race between a write starting and the clean mark is closed by
 //! order: a write counts itself in flight *before* it reads the clean
 //! flag; the clean mark sets the flag *before* it reads the in-flight
@@ -276,13 +279,17 @@ impl ArrayMeta {
         self.write_superblocks(array, &mut st).await
     }
 
-    /// Marks the array clean if no write is in flight and none has come
-    /// for `idle`, after flushing every member. Returns whether it did.
+    /// Marks the array clean if no write is in flight, none has come for
+    /// `idle`, and no region awaits its resync, after flushing every
+    /// member. Returns whether it did.
     pub async fn mark_clean_if_idle(&self, array: &ArrayInner, idle: Duration) -> bool {
         let Some(p) = &self.persisted else {
             return false;
         };
-        if p.clean.load(Ordering::SeqCst) || self.writes_in_flight() > 0 {
+        if p.clean.load(Ordering::SeqCst)
+            || self.writes_in_flight() > 0
+            || p.resync.pending_count() > 0
+        {
             return false;
         }
         let last = self.last_write_ms.load(Ordering::Relaxed);
