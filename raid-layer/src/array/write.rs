@@ -30,6 +30,9 @@ use crate::member::MemberError;
 /// The largest zero buffer written at once for partial-stripe zeroing.
 const ZERO_PIECE: u64 = 1 << 20;
 
+/// The most pieces (chunks) one BLOCK_STATUS reply covers.
+const STATUS_PIECES: usize = 64;
+
 impl ArrayInner {
     /// Returns the member-offset rows `[start, end)` a request touches,
     /// for the write-intent bitmap.
@@ -228,12 +231,17 @@ impl ArrayInner {
         Ok(())
     }
 
-    /// BLOCK_STATUS for the piece holding `offset`, as the member holding
-    /// its data reports it: a copy (RAID 1/10), the chunk (RAID 0), or the
-    /// data chunk (RAID 5/6: reads come from there while it is in sync, so
-    /// what it reads as is what the array reads as; parity never matters).
-    /// With that member out of sync (a degraded RAID 5/6 read reconstructs),
-    /// the answer is "all data", which is always correct.
+    /// BLOCK_STATUS from the members holding the data: a copy (RAID 1/10),
+    /// the chunk (RAID 0), or the data chunk (RAID 5/6: reads come from
+    /// there while it is in sync, so what it reads as is what the array
+    /// reads as; parity never matters). A data chunk out of sync (a degraded
+    /// RAID 5/6 read reconstructs) is reported as data, which is always
+    /// correct.
+    ///
+    /// One reply covers up to [`STATUS_PIECES`] pieces (chunks), their
+    /// members asked at once, so a client mapping an array of small chunks
+    /// does not pay one round trip per chunk. The reply stops before the
+    /// first piece whose member answered short or failed.
     pub(crate) async fn block_status(
         &self,
         offset: u64,
@@ -243,46 +251,72 @@ impl ArrayInner {
         if self.is_failed() {
             return Err(self.failed_error("block_status"));
         }
-        let data = |len| vec![Extent { len, flags: 0 }];
-        let parity = matches!(self.layout.level(), Level::Raid5 | Level::Raid6);
-        let piece = self
+        let pieces: Vec<Piece> = self
             .layout
             .map(offset, len)
             .map_err(|e| IoError::Invalid(format!("{}: {e}", self.name)))?
-            .next();
-        let Some(piece) = piece else {
-            return Ok(data(len));
-        };
+            .take(STATUS_PIECES)
+            .collect();
+        let answers = futures::future::join_all(pieces.iter().map(|p| self.piece_status(p))).await;
+        let max_extents = max_extents.max(1);
+        let mut out: Vec<Extent> = Vec::new();
+        'pieces: for (i, answer) in answers.into_iter().enumerate() {
+            let (extents, whole) = match answer {
+                Ok(a) => a,
+                Err(e) if i == 0 => return Err(e),
+                Err(_) => break,
+            };
+            for e in extents {
+                if let Some(last) = out.last_mut().filter(|l| l.flags == e.flags) {
+                    last.len += e.len;
+                } else if out.len() < max_extents {
+                    out.push(e);
+                } else {
+                    break 'pieces;
+                }
+            }
+            if !whole {
+                break;
+            }
+        }
+        if out.is_empty() {
+            return Ok(vec![Extent { len, flags: 0 }]);
+        }
+        Ok(out)
+    }
+
+    /// The allocation of one piece, from its least loaded in-sync member:
+    /// extents covering a prefix of the piece, and whether they cover all
+    /// of it.
+    async fn piece_status(&self, piece: &Piece) -> Result<(Vec<Extent>, bool), IoError> {
+        let data = |len| Ok((vec![Extent { len, flags: 0 }], true));
         let Some(loc) = piece
             .locations
             .iter()
             .filter(|l| self.members[l.member].readable())
             .min_by_key(|l| self.members[l.member].outstanding())
         else {
-            if parity {
-                return Ok(data(piece.len));
+            if matches!(self.layout.level(), Level::Raid5 | Level::Raid6) {
+                return data(piece.len);
             }
             return Err(self.failed_error("block_status"));
         };
         let member = &self.members[loc.member];
         if !member.has_block_status() {
-            return Ok(data(piece.len));
+            return data(piece.len);
         }
         let extents = match member.block_status(loc.offset, piece.len).await {
             Ok(x) => x,
             // Advisory: an answer that all is data is always correct.
-            Err(e) if !e.is_failure() => return Ok(data(piece.len)),
+            Err(e) if !e.is_failure() => return data(piece.len),
             Err(e) => {
                 self.handle(&e).await;
-                return Ok(data(piece.len));
+                return data(piece.len);
             }
         };
         let mut out: Vec<Extent> = Vec::new();
         let mut covered = 0u64;
         for e in extents {
-            if covered >= piece.len || out.len() >= max_extents.max(1) {
-                break;
-            }
             let n = e.len.min(piece.len - covered);
             if n == 0 {
                 break;
@@ -295,9 +329,9 @@ impl ArrayInner {
             covered += n;
         }
         if out.is_empty() {
-            return Ok(data(piece.len));
+            return data(piece.len);
         }
-        Ok(out)
+        Ok((out, covered == piece.len))
     }
 }
 
