@@ -322,12 +322,13 @@ fn kill9_during_writes_resyncs_and_keeps_flushed_writes() {
     }
 }
 
-/// The daemon and a RAID 5 member's node die together during writes: at
-/// the restart the RAID 5 array, dirty and degraded, is refused with a
-/// message naming the write hole and `--force-assemble`, while the daemon
-/// serves its RAID 1 array (resynced, its flushed writes intact). With
-/// `--force-assemble r5` it serves, degraded; shut down cleanly, it then
-/// starts without the flag.
+/// The daemon and a node holding a member of a RAID 5 and of a RAID 1
+/// array die together during writes: at the restart the RAID 5 array,
+/// dirty and degraded, is refused with a message naming the write hole and
+/// `--force-assemble`, while the daemon serves the RAID 1 array (dirty and
+/// degraded too, but a mirror has no write hole: its flushed writes are
+/// there). With `--force-assemble r5` RAID 5 serves, degraded; shut down
+/// cleanly, it then starts without the flag.
 #[test]
 fn dirty_degraded_raid5_is_refused_until_forced() {
     if !have_python_libnbd("dirty_degraded_raid5") {
@@ -337,7 +338,7 @@ fn dirty_degraded_raid5_is_refused_until_forced() {
     let mut cluster = Cluster::start(3, &["d5:36M", "d1:36M"]);
     let mut array = ArrayDaemon::start(&config(&[
         array_entry("r5", "raid5", "64K", &cluster.members("d5", &[0, 1, 2])),
-        array_entry("r1", "raid1", "64K", &cluster.members("d1", &[0, 1])),
+        array_entry("r1", "raid1", "64K", &cluster.members("d1", &[1, 2])),
     ]));
     let dir = scratch_dir();
     let mut loads = vec![
@@ -383,9 +384,11 @@ fn dirty_degraded_raid5_is_refused_until_forced() {
         "the refused array's export is served: {}",
         show(&probe)
     );
-    // The RAID 1 array is served, resynced, and its flushed writes are there.
+    // The RAID 1 array is served, degraded, and its flushed writes are there.
+    let status = array.status("r1");
+    assert_eq!(status["state"], "degraded", "{status:#}");
+    assert_eq!(member_states(&status)[0], "active", "{status:#}");
     wait_resynced(&array, "r1");
-    assert_check_clean(&array, "r1");
     written[1].assert_read_back(&read_writer_region(&array, "r1", dir.path()));
 
     // Forced: r5 serves, degraded, member 2 out.
