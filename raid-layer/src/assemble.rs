@@ -40,8 +40,8 @@ use crate::layout::{Geometry, Layout, Level};
 use crate::manager::ManagerSettings;
 use crate::member::{Member, MemberState, member_client_config};
 use crate::meta::{
-    BITMAP_OFFSET, BITMAP_PAGE_SIZE, Bitmap, DEFAULT_DATA_OFFSET, Found, MemberStatus,
-    SB_B_OFFSET, SB_SLOT_SIZE, SbRead, Slot, Superblock, assess, geometry_for, read_copies, superblock,
+    BITMAP_OFFSET, BITMAP_PAGE_SIZE, Bitmap, DEFAULT_DATA_OFFSET, Found, MemberStatus, SB_B_OFFSET,
+    SB_SLOT_SIZE, SbRead, Slot, Superblock, assess, geometry_for, read_copies, superblock,
 };
 
 /// What assembly found besides the array: messages for operators.
@@ -414,6 +414,23 @@ async fn create(
         };
         clients.push(client);
     }
+    // Metadata is written in 4 KiB pages and chunks must not share a
+    // member block: a member insisting on larger blocks cannot be used.
+    let largest_block = 4096.min(if spec.level.is_striped() {
+        spec.chunk
+    } else {
+        4096
+    });
+    for (slot, c) in clients.iter().enumerate() {
+        let min = u64::from(c.info().min_block);
+        if min > largest_block {
+            return Err(AdminError::Invalid(format!(
+                "cannot create array {name:?}: member {slot} ({}) requires {min}-byte blocks; \
+                 the array needs members that accept {largest_block}-byte blocks",
+                spec.members[slot]
+            )));
+        }
+    }
     let data_offset = DEFAULT_DATA_OFFSET;
     let sizes: Vec<u64> = clients.iter().map(|c| c.info().size).collect();
     let smallest = sizes.iter().copied().min().unwrap_or(0);
@@ -495,9 +512,13 @@ async fn create(
     // members are still blank. Slot B is zeroed (a previous array's copy
     // there could otherwise outrank the new copy A).
     for m in &members {
-        m.write_raw(SB_B_OFFSET, Bytes::from(vec![0u8; SB_SLOT_SIZE as usize]), false)
-            .await
-            .map_err(|e| AdminError::Unavailable(format!("cannot create array {name:?}: {e}")))?;
+        m.write_raw(
+            SB_B_OFFSET,
+            Bytes::from(vec![0u8; SB_SLOT_SIZE as usize]),
+            false,
+        )
+        .await
+        .map_err(|e| AdminError::Unavailable(format!("cannot create array {name:?}: {e}")))?;
         for page in 0..bitmap_geometry.pages() {
             let bytes = Bytes::from(bitmap.page_bytes(page));
             m.write_raw(BITMAP_OFFSET + page * BITMAP_PAGE_SIZE, bytes, false)

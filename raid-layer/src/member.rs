@@ -131,6 +131,8 @@ pub struct Member {
     client: RwLock<Option<Arc<Client>>>,
     state: AtomicU8,
     outstanding: AtomicUsize,
+    /// Member blocks being read-modify-written for an unaligned write.
+    partial_blocks: Arc<crate::array::KeyLocks>,
     /// Operation counters.
     pub stats: MemberStats,
 }
@@ -185,6 +187,7 @@ impl Member {
             client: RwLock::new(client),
             state: AtomicU8::new(state as u8),
             outstanding: AtomicUsize::new(0),
+            partial_blocks: crate::array::KeyLocks::new(),
             stats: MemberStats::default(),
         })
     }
@@ -302,18 +305,73 @@ impl Member {
         Ok(())
     }
 
-    /// Reads from the data area (see [`Member::read_raw`]).
+    /// Returns the member's minimum block size (1 when it has none).
+    pub fn min_block(&self) -> u64 {
+        self.client()
+            .map_or(1, |c| u64::from(c.info().min_block.max(1)))
+    }
+
+    /// Returns the range `[offset, offset+len)` widened to the member's
+    /// minimum block size, or `None` when it is aligned already.
+    fn widen(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let m = self.min_block();
+        if m <= 1 || (offset.is_multiple_of(m) && len.is_multiple_of(m)) {
+            return None;
+        }
+        let lo = offset / m * m;
+        let hi = (offset + len).div_ceil(m) * m;
+        Some((lo, hi - lo))
+    }
+
+    /// Reads from the data area (see [`Member::read_raw`]). A range the
+    /// member's minimum block size does not allow is read as the aligned
+    /// range around it and the bytes asked for copied out (clients such
+    /// as the Linux kernel ignore advertised block sizes, and the array
+    /// serves any alignment).
     pub async fn read(
         &self,
         offset: u64,
-        buf: IoBuf,
+        mut buf: IoBuf,
     ) -> Result<IoBuf, (MemberError, Option<IoBuf>)> {
-        self.read_raw(self.data_offset + offset, buf).await
+        let Some((lo, n)) = self.widen(offset, buf.len() as u64) else {
+            return self.read_raw(self.data_offset + offset, buf).await;
+        };
+        let wide = self
+            .read_raw(self.data_offset + lo, IoBuf::zeroed(n as usize))
+            .await
+            .map_err(|(e, _)| (e, None))?;
+        let at = (offset - lo) as usize;
+        let len = buf.len();
+        buf.copy_from_slice(&wide[at..at + len]);
+        Ok(buf)
     }
 
-    /// Writes to the data area.
+    /// Writes to the data area. A range the member's minimum block size
+    /// does not allow is written as the aligned range around it, read
+    /// first. The blocks are locked meanwhile: the array's stripe and
+    /// region locks keep other requests out of them, but one RAID 5/6
+    /// write may update two parity ranges inside one block at once. (An
+    /// aligned write never shares a block with a concurrent unaligned one:
+    /// their ranges are disjoint.)
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), MemberError> {
-        self.write_raw(self.data_offset + offset, data, fua).await
+        let Some((lo, n)) = self.widen(offset, data.len() as u64) else {
+            return self.write_raw(self.data_offset + offset, data, fua).await;
+        };
+        // Only the edge blocks are partly written; the ones between are
+        // this write's alone.
+        let m = self.min_block();
+        let _blocks = self
+            .partial_blocks
+            .lock_all([lo / m, (lo + n) / m - 1])
+            .await;
+        let mut wide = self
+            .read_raw(self.data_offset + lo, IoBuf::zeroed(n as usize))
+            .await
+            .map_err(|(e, _)| e)?;
+        let at = (offset - lo) as usize;
+        wide[at..at + data.len()].copy_from_slice(&data);
+        self.write_raw(self.data_offset + lo, Bytes::from_owner(wide), fua)
+            .await
     }
 
     /// Makes every completed write durable.
@@ -323,11 +381,17 @@ impl Member {
     }
 
     /// Discards a range of the data area (advisory).
+    /// Only the whole member blocks inside the range are trimmed.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), MemberError> {
+        let m = self.min_block();
+        let (lo, hi) = (offset.div_ceil(m) * m, (offset + len) / m * m);
+        if lo >= hi {
+            return Ok(());
+        }
         let done = self
             .submit(Request::Trim {
-                offset: self.data_offset + offset,
-                len,
+                offset: self.data_offset + lo,
+                len: hi - lo,
             })
             .await?;
         done.result.map_err(|e| self.classify(e))
@@ -341,10 +405,26 @@ impl Member {
         no_hole: bool,
         fua: bool,
     ) -> Result<(), MemberError> {
+        // Partial member blocks at either end are written as zero data.
+        let m = self.min_block();
+        let end = offset + len;
+        let (lo, hi) = (offset.div_ceil(m) * m, end / m * m);
+        if lo >= hi {
+            let zeros = Bytes::from(vec![0u8; len as usize]);
+            return self.write(offset, zeros, fua).await;
+        }
+        if offset < lo {
+            let zeros = Bytes::from(vec![0u8; (lo - offset) as usize]);
+            self.write(offset, zeros, fua).await?;
+        }
+        if hi < end {
+            let zeros = Bytes::from(vec![0u8; (end - hi) as usize]);
+            self.write(hi, zeros, fua).await?;
+        }
         let done = self
             .submit(Request::WriteZeroes {
-                offset: self.data_offset + offset,
-                len,
+                offset: self.data_offset + lo,
+                len: hi - lo,
                 no_hole,
                 fast: false,
                 fua,
