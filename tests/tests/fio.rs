@@ -1,60 +1,10 @@
 //! fio with its NBD engine: random writes with crc32c verification, several jobs at once,
 //! and a verify-only pass after the node was SIGKILLed and restarted.
 
-use std::path::Path;
-
-use nbdraid_tests::{Node, hang, require_tools, run, scratch_dir, show, tool};
-use serde_json::Value;
-
-fn fio(uri: &str, json_out: &Path, args: &[&str]) -> (std::process::Output, Value) {
-    let mut c = tool("fio");
-    // fio drops *-verify.state files into its working directory: keep them in the scratch dir.
-    c.current_dir(json_out.parent().expect("scratch dir"));
-    c.args(["--ioengine=nbd", "--output-format=json"])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--output={}", json_out.display()))
-        .args(args);
-    let out = run(&mut c, hang(600)).unwrap_or_else(|e| panic!("{e:#}"));
-    let text = std::fs::read_to_string(json_out).unwrap_or_default();
-    // fio may print notices before the JSON document.
-    let j = text
-        .find('{')
-        .and_then(|i| serde_json::from_str(&text[i..]).ok())
-        .unwrap_or(Value::Null);
-    (out, j)
-}
-
-fn assert_clean(out: &std::process::Output, j: &Value, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: fio failed: {}\n{}\n{j:#}",
-        out.status,
-        show(out)
-    );
-    let jobs = j["jobs"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{what}: no JSON jobs\n{}", show(out)));
-    assert!(!jobs.is_empty());
-    for job in jobs {
-        assert_eq!(job["error"], 0, "{what}: job error: {job:#}");
-    }
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !text.contains("verify:") && !text.contains("bad magic"),
-        "{what}: {text}"
-    );
-}
-
-fn total(j: &Value, dir: &str) -> u64 {
-    j["jobs"]
-        .as_array()
-        .map(|jobs| {
-            jobs.iter()
-                .map(|x| x[dir]["io_bytes"].as_u64().unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
-}
+use nbdraid_tests::{
+    Node, assert_fio_clean as assert_clean, fio, fio_io_bytes as total, hang, require_tools, run,
+    scratch_dir, show, tool,
+};
 
 #[test]
 fn fio_randwrite_verify_crc32c() {

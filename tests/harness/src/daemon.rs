@@ -66,8 +66,9 @@ pub struct Launch<'a> {
     pub run_dir: &'a Path,
 }
 
-/// Builds the command of one start.
-pub type CommandFor = Box<dyn Fn(&Launch<'_>) -> Result<Command> + Send>;
+/// Builds the command of one start (`Sync`: a daemon may be shared by
+/// tests running in parallel, see [`crate::shared`]).
+pub type CommandFor = Box<dyn Fn(&Launch<'_>) -> Result<Command> + Send + Sync>;
 
 /// A launched daemon.
 pub struct DaemonProc {
@@ -163,6 +164,9 @@ impl DaemonProc {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("RUST_BACKTRACE", "1");
+        if crate::shared::on_keeper_thread() {
+            crate::shared::die_with_spawning_thread(&mut cmd);
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", describe(&cmd)))?;

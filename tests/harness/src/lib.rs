@@ -11,7 +11,9 @@
 //!   [`daemon`]: what every launched daemon shares;
 //! - [`tools`]: external tools, present or skipped with a reason;
 //! - [`process`]: commands with hang detectors, background processes;
-//! - [`data`]: the pattern generator and comparisons.
+//! - [`data`]: the pattern generator and comparisons;
+//! - [`fio`], [`fuse`]: drivers for fio's NBD engine and for nbdfuse;
+//! - [`shared`]: one fixture (e.g. a cluster) for every test of a binary.
 //!
 //! Environment knobs:
 //!
@@ -30,9 +32,12 @@ pub mod array;
 pub mod bins;
 pub mod daemon;
 pub mod data;
+pub mod fio;
+pub mod fuse;
 pub mod node;
 pub mod peers;
 pub mod process;
+pub mod shared;
 pub mod tools;
 
 pub use array::{ArrayDaemon, Cluster, array_entry};
@@ -41,9 +46,12 @@ pub use daemon::{DaemonProc, Ready, http_get};
 pub use data::{
     assert_files_equal, assert_same, parse_size, pattern, scratch_dir, write_pattern_file,
 };
+pub use fio::{assert_fio_clean, fio, fio_io_bytes};
+pub use fuse::{NbdFuse, can_loop_mount};
 pub use node::{Backend, Node, NodeBuilder, backend, backend_is_node};
 pub use peers::Peer;
 pub use process::{Background, describe, run, run_ok, show, wait_for};
+pub use shared::Shared;
 pub use tempfile::TempDir;
 pub use tools::{SYSTEM_PYTHON, have_python_libnbd, have_tools, tool, tool_path};
 
