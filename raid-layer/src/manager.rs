@@ -135,6 +135,7 @@ impl Manager {
         model: SharedCostModel,
         store: Arc<dyn ArrayStore>,
     ) -> Arc<Self> {
+        describe_metrics();
         Arc::new_cyclic(|me| Self {
             settings,
             exports,
@@ -268,7 +269,16 @@ impl Manager {
         if notes.resync_regions > 0 {
             self.spawn_resync(&entry);
         }
+        // A recovery the daemon was stopped in resumes from the bitmap
+        // (never cleared while a member is out of sync).
+        for m in &entry.inner().members {
+            if m.state() == MemberState::Recovering {
+                tracing::info!(array = %spec.name, member = m.slot, "resuming the recovery of a member");
+                self.spawn_recovery(&entry, m.slot);
+            }
+        }
         self.spawn_housekeeping(&entry);
+        register_metrics(&entry);
         self.status_of(&entry)
     }
 
@@ -460,36 +470,55 @@ impl Manager {
                 member.uri, own.events
             )));
         }
-        let region = inner.meta.bitmap().map_or(1 << 20, |b| b.geometry().region);
-        let regions: Vec<u64> = if covered {
-            inner
-                .meta
-                .bitmap()
-                .map(|b| b.dirty_regions().collect())
-                .unwrap_or_default()
-        } else {
-            (0..inner.layout.member_data_size().div_ceil(region)).collect()
-        };
         if let Some(old) = member.set_client(Some(Arc::new(client))) {
             old.close(Duration::from_millis(10)).await;
         }
         member.set_state(MemberState::Recovering);
         inner.update_failed();
+        if !covered && let Err(err) = inner.meta.mark_all_dirty(&inner).await {
+            member.set_state(MemberState::Faulty);
+            return Err(AdminError::Internal(format!(
+                "array {name:?}: cannot mark the bitmap for a full recovery of member {slot}: {err}"
+            )));
+        }
         if let Err(err) = inner.meta.record_recovering(&inner, slot, 0).await {
             member.set_state(MemberState::Faulty);
             return Err(AdminError::Internal(format!(
                 "array {name:?}: cannot record member {slot} as recovering: {err}"
             )));
         }
-        lock(&e.recovering).push(slot);
         tracing::info!(
             array = %name,
             member = slot,
             uri = %member.uri,
-            regions = regions.len(),
-            bitmap = covered,
+            full = !covered,
             "member re-added; recovering"
         );
+        self.spawn_recovery(e, slot);
+        Ok(())
+    }
+
+    /// Recovers member `slot` (recovering: written, not read) from the
+    /// bitmap's dirty regions, in the background, and records it active
+    /// when done. Also what resumes a recovery the daemon was stopped in.
+    fn spawn_recovery(&self, e: &Arc<Entry>, slot: usize) {
+        let inner = e.inner().clone();
+        let Some(member) = inner.members.get(slot).cloned() else {
+            return;
+        };
+        {
+            let mut recovering = lock(&e.recovering);
+            if recovering.contains(&slot) {
+                return;
+            }
+            recovering.push(slot);
+        }
+        let region = inner.meta.bitmap().map_or(1 << 20, |b| b.geometry().region);
+        let regions: Vec<u64> = inner
+            .meta
+            .bitmap()
+            .map(|b| b.dirty_regions().collect())
+            .unwrap_or_else(|| (0..inner.layout.member_data_size().div_ceil(region)).collect());
         let tally = Tally::new("recovery", regions.len() as u64 * region);
         *lock(&e.sync) = Some(tally.clone());
         let entry = e.clone();
@@ -531,7 +560,6 @@ impl Manager {
                 lock(&entry.readd_backoff).insert(slot, Instant::now());
             }
         });
-        Ok(())
     }
 
     fn status_of(&self, e: &Entry) -> Result<ArrayStatus, AdminError> {
@@ -599,6 +627,104 @@ impl Manager {
             export: inner.name.clone(),
         })
     }
+}
+
+/// Describes the array daemon's own metrics (the `# HELP` lines).
+pub fn describe_metrics() {
+    use nbdraid_engine::metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "nbdraid_array_state",
+        "Array state: 0 clean, 1 active (dirty), 2 degraded, 3 failed."
+    );
+    describe_gauge!(
+        "nbdraid_array_member_state",
+        "Member state per slot: 0 active, 1 recovering, 2 faulty, 3 missing."
+    );
+    describe_gauge!(
+        "nbdraid_array_events",
+        "The array's superblock event counter."
+    );
+    describe_gauge!(
+        "nbdraid_array_bitmap_dirty_regions",
+        "Write-intent bitmap regions set (written recently, or missed by a member out of sync)."
+    );
+    describe_gauge!(
+        "nbdraid_array_sync_done_bytes",
+        "Bytes of member data a running resync or recovery has covered."
+    );
+    describe_gauge!(
+        "nbdraid_array_sync_total_bytes",
+        "Bytes of member data the running resync or recovery covers in all."
+    );
+    describe_gauge!(
+        "nbdraid_array_check_mismatches",
+        "Stripes or chunks the last check found inconsistent."
+    );
+    describe_counter!(
+        "nbdraid_array_member_failures_total",
+        "Members failed (EIO, lost connection, no progress within the liveness timeout)."
+    );
+}
+
+/// Sets the array's gauges whenever the metrics endpoint renders, until
+/// the array is gone.
+fn register_metrics(entry: &Arc<Entry>) {
+    let weak = Arc::downgrade(entry);
+    let name = entry.inner().name.clone();
+    let g = |metric: &'static str| metrics::gauge!(metric, "array" => name.clone());
+    let (state, events, dirty, done, total, mismatches) = (
+        g("nbdraid_array_state"),
+        g("nbdraid_array_events"),
+        g("nbdraid_array_bitmap_dirty_regions"),
+        g("nbdraid_array_sync_done_bytes"),
+        g("nbdraid_array_sync_total_bytes"),
+        g("nbdraid_array_check_mismatches"),
+    );
+    let members: Vec<metrics::Gauge> = entry
+        .inner()
+        .members
+        .iter()
+        .map(|m| {
+            metrics::gauge!("nbdraid_array_member_state", "array" => name.clone(), "slot" => m.slot.to_string())
+        })
+        .collect();
+    nbdraid_engine::metrics::on_render(move || {
+        let Some(e) = weak.upgrade() else {
+            return false;
+        };
+        let inner = e.inner();
+        state.set(if inner.is_failed() {
+            3.0
+        } else if inner.is_degraded() {
+            2.0
+        } else if !inner.meta.is_clean() {
+            1.0
+        } else {
+            0.0
+        });
+        events.set(inner.meta.snapshot().map_or(0.0, |sb| sb.events as f64));
+        dirty.set(inner.meta.bitmap().map_or(0.0, |b| b.set_bits() as f64));
+        let sync = lock(&e.sync).clone();
+        let (d, t) = sync
+            .filter(|t| !t.finished.load(Ordering::Acquire))
+            .map_or((0, 0), |t| {
+                (
+                    t.done.load(Ordering::Relaxed),
+                    t.total.load(Ordering::Relaxed),
+                )
+            });
+        done.set(d as f64);
+        total.set(t as f64);
+        mismatches.set(
+            lock(&e.check)
+                .as_ref()
+                .map_or(0.0, |t| t.mismatches.load(Ordering::Relaxed) as f64),
+        );
+        for (m, gauge) in inner.members.iter().zip(&members) {
+            gauge.set(f64::from(m.state() as u8));
+        }
+        true
+    });
 }
 
 fn check_report(t: &Tally) -> CheckReport {

@@ -26,4 +26,15 @@ fn raid5_round_trip_and_check() {
     assert!(out.status.success(), "check: {}", show(&out));
     let status = array.status("r5");
     assert_eq!(status["check"]["mismatches"], 0, "{status}");
+
+    // The array's state is in the metrics, described.
+    let metrics = array.metrics_text().expect("metrics");
+    for line in [
+        "# HELP nbdraid_array_state ",
+        "nbdraid_array_member_state{array=\"r5\",slot=\"3\"} 0",
+        "nbdraid_array_check_mismatches{array=\"r5\"} 0",
+        "nbdraid_requests_total{export=\"r5\",op=\"write\"}",
+    ] {
+        assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
+    }
 }

@@ -209,6 +209,19 @@ impl ArrayMeta {
         Ok(intent)
     }
 
+    /// Marks every bitmap region dirty and makes that durable on every live
+    /// member: a member about to be recovered in full is then recovered
+    /// from the bitmap, and a restart in the middle finds the regions it
+    /// still misses (bits are never cleared while a member is out of sync).
+    pub async fn mark_all_dirty(&self, array: &ArrayInner) -> Result<(), IoError> {
+        let Some(p) = &self.persisted else {
+            return Ok(());
+        };
+        p.bitmap.mark_all();
+        p.bitmap.persist_all(&Persist(array)).await?;
+        Ok(())
+    }
+
     /// Reports whether the row at member offset `row` still awaits resync
     /// (writes there must not trust parity: reconstruct-write only).
     pub fn resync_pending(&self, row: u64) -> bool {
