@@ -908,7 +908,7 @@ mod tests {
         let m = check_data_dir(&file).unwrap_err().0;
         assert!(m.contains("is not a directory"), "{m}");
         let m = check_data_dir(&file.join("sub")).unwrap_err().0;
-        assert!(m.contains("part of its path is a file"), "{m}");
+        assert!(m.contains("is a file, not a directory"), "{m}");
         c.data_dir = file;
         assert!(c.check_environment().unwrap_err().0.contains("data dir"));
         prepare_data_dir(&dir.path().join("a/b")).unwrap();

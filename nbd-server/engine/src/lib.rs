@@ -8,7 +8,8 @@
 //!   one cost model, and bounded buffers;
 //! - [`upstream`] and [`grpc`]: which throttle share a connection draws
 //!   from, and the `Throttle` gRPC service that publishes the model and
-//!   grants leases;
+//!   grants leases; [`lease`]: the other side, holding a grant at a lower
+//!   layer and following its model;
 //! - [`metrics`]: per-export metrics and the Prometheus endpoint;
 //! - [`daemon`]: listeners, ready file, signals and the process's `main`;
 //! - [`mem`] and [`fault`]: a memory-backed device and a fault-injecting
@@ -24,6 +25,7 @@ pub mod device;
 pub mod error;
 pub mod fault;
 pub mod grpc;
+pub mod lease;
 pub mod mem;
 pub mod metrics;
 pub mod server;
