@@ -1,15 +1,57 @@
-//! `nbd://host[:port][/export]` URIs (the TCP subset of the NBD URI
-//! specification; the default port is 10809, the default export "").
+//! `nbd://host[:port][/export][?query]` URIs (the TCP subset of the NBD
+//! URI specification; the default port is 10809, the default export "").
+//!
+//! The query is nbdraid's: `grpc=host:port` names the control plane of the
+//! layer serving the export (its `Throttle` service: cost model, grants),
+//! for an upstream such as an array daemon. Other query parameters are
+//! refused, so a typo is not silently ignored.
 
 use crate::error::ClientError;
 
 /// The IANA-assigned NBD port.
 pub const DEFAULT_PORT: u16 = 10809;
 
+/// An NBD URI taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    /// `host:port` of the NBD server.
+    pub addr: String,
+    /// The export name.
+    pub export: String,
+    /// `host:port` of the layer's gRPC control plane (`?grpc=`), if given.
+    pub grpc: Option<String>,
+}
+
 /// Splits an NBD URI into `host:port` and the export name.
 pub fn parse(uri: &str) -> Result<(String, String), ClientError> {
+    parse_full(uri).map(|u| (u.addr, u.export))
+}
+
+/// Parses an NBD URI with its query (see the module docs).
+pub fn parse_full(uri: &str) -> Result<NbdUri, ClientError> {
     let bad = |why: &str| ClientError::Invalid(format!("bad NBD URI {uri:?}: {why}"));
-    let rest = uri
+    let (uri_part, query) = match uri.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (uri, None),
+    };
+    let mut grpc = None;
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        match pair.split_once('=') {
+            Some(("grpc", v)) if !v.is_empty() => {
+                let port = v.rsplit(':').next().unwrap_or("");
+                if !v.contains(':') || port.parse::<u16>().is_err() {
+                    return Err(bad("grpc= needs host:port"));
+                }
+                grpc = Some(v.to_string());
+            }
+            _ => {
+                return Err(bad(&format!(
+                    "unknown query parameter {pair:?} (only grpc=host:port)"
+                )));
+            }
+        }
+    }
+    let rest = uri_part
         .strip_prefix("nbd://")
         .ok_or_else(|| bad("only nbd://host[:port][/export] is supported"))?;
     let (authority, export) = match rest.find('/') {
@@ -31,10 +73,11 @@ pub fn parse(uri: &str) -> Result<(String, String), ClientError> {
     } else {
         format!("{authority}:{DEFAULT_PORT}")
     };
-    Ok((
+    Ok(NbdUri {
         addr,
-        percent_decode(export).map_err(|_| bad("bad percent-encoding"))?,
-    ))
+        export: percent_decode(export).map_err(|_| bad("bad percent-encoding"))?,
+        grpc,
+    })
 }
 
 fn percent_decode(s: &str) -> Result<String, ()> {
@@ -73,6 +116,20 @@ mod tests {
             ("[::1]:99".into(), "a b".into())
         );
         assert!(parse("http://x").is_err());
+        assert_eq!(
+            parse_full("nbd://h:1/v?grpc=127.0.0.1:5").unwrap(),
+            NbdUri {
+                addr: "h:1".into(),
+                export: "v".into(),
+                grpc: Some("127.0.0.1:5".into())
+            }
+        );
+        assert_eq!(
+            parse("nbd://h:1/v?grpc=h:5").unwrap(),
+            ("h:1".into(), "v".into())
+        );
+        assert!(parse("nbd://h/v?grpc=nohost").is_err());
+        assert!(parse("nbd://h/v?tls=1").is_err());
         assert!(parse("nbd://h:notaport/x").is_err());
         assert!(parse("nbd:///x").is_err());
     }
