@@ -558,7 +558,7 @@ fn readd_after_a_transient_failure_copies_only_dirty_regions() {
     });
     let log = array.log();
     assert!(
-        log.contains("member re-added; recovering") && log.contains("bitmap=true"),
+        log.contains("member re-added; recovering") && log.contains("full=false"),
         "member 0 should be re-added from the bitmap:\n{}",
         array.log_tail(30)
     );
