@@ -34,8 +34,8 @@ use nbdraid_proto::consts::allocation;
 use uuid::Uuid;
 
 use crate::api::{AdminError, ArraySpec};
+use crate::array::Array;
 use crate::array::meta::{ArrayMeta, PersistError};
-use crate::array::{Array, ArrayParams};
 use crate::layout::{Geometry, Layout, Level};
 use crate::manager::ManagerSettings;
 use crate::member::{Member, MemberState, member_client_config};
@@ -268,10 +268,7 @@ pub async fn assemble(
     }
     let meta = ArrayMeta::persistent(auth, slots, bitmap);
     let array = Array::new(
-        ArrayParams {
-            name: name.clone(),
-            max_payload: settings.max_payload,
-        },
+        settings.array_params(name),
         layout,
         members,
         pool,
@@ -531,10 +528,7 @@ async fn create(
     let slots: Vec<Option<Slot>> = vec![None; members.len()];
     let meta = ArrayMeta::persistent(sb, slots, bitmap);
     let array = Array::new(
-        ArrayParams {
-            name: name.clone(),
-            max_payload: settings.max_payload,
-        },
+        settings.array_params(name),
         layout,
         members,
         pool,

@@ -78,6 +78,15 @@ pub struct MembersConfig {
     /// A member with work outstanding that completes nothing for this many
     /// milliseconds is failed (a slow member is throttled, not failed).
     pub liveness_timeout_ms: u64,
+    /// Units (bytes of the member's buffer memory) the array asks each
+    /// member to grant it, for foreground and for background work each
+    /// (members that publish a gRPC address with `?grpc=`); requests are
+    /// admitted only when they fit in what they need at every member.
+    pub grant: ByteSize,
+    /// Account requests against the members' grants. `false` is for
+    /// measurements only: the members' memory is then bounded only by
+    /// their own throttles.
+    pub accounting: bool,
 }
 
 impl Default for MembersConfig {
@@ -85,6 +94,8 @@ impl Default for MembersConfig {
         Self {
             connections: 2,
             liveness_timeout_ms: 10_000,
+            grant: ByteSize(64 << 20),
+            accounting: true,
         }
     }
 }
@@ -274,7 +285,25 @@ impl ArrayDaemonConfig {
     /// Returns the throttle division this configuration asks for: every
     /// share holds at least one maximal write.
     pub fn throttle_settings(&self) -> ThrottleSettings {
-        let largest = self.cost_model().cost(OpKind::Write, self.max_payload.0);
+        let max = self.max_payload.0;
+        // Every share must hold the largest request of any configured
+        // array (its own buffers for its level and geometry), and of an
+        // ordinary one created later.
+        let largest = self
+            .arrays
+            .iter()
+            .map(|a| {
+                let spec = a.spec();
+                let own = crate::array::cost::own_cost_model(
+                    "array",
+                    spec.level,
+                    spec.members.len() as u64,
+                    spec.chunk,
+                );
+                own.cost(OpKind::Read, max)
+                    .max(own.cost(OpKind::Write, max))
+            })
+            .fold(self.cost_model().cost(OpKind::Write, max), u64::max);
         self.throttle.settings(largest)
     }
 
@@ -287,6 +316,9 @@ impl ArrayDaemonConfig {
             bitmap_idle: Duration::from_millis(self.bitmap_idle_ms),
             max_payload: u32::try_from(self.max_payload.0).unwrap_or(u32::MAX),
             sync_rate: self.sync_rate.0,
+            member_grant: self.members.grant.0,
+            accounting: self.members.accounting,
+            throttle: None,
         }
     }
 

@@ -53,7 +53,6 @@ pub struct ArrayDaemon {
     manager: Arc<Manager>,
     exports: Arc<Exports<Array>>,
     throttle: Arc<Throttle>,
-    model: SharedCostModel,
     pool: Arc<BufferPool>,
     upstreams: Arc<Upstreams>,
     listeners: Listeners,
@@ -81,8 +80,10 @@ impl ArrayDaemon {
         // (parity, read-modify-write): both are counted by the throttle.
         let pool = BufferPool::new(throttle.capacity());
         let exports = Exports::<Array>::new();
+        let mut settings = config.manager_settings();
+        settings.throttle = Some(throttle.clone());
         let manager = Manager::new(
-            config.manager_settings(),
+            settings,
             exports.clone(),
             pool.clone(),
             model.clone(),
@@ -105,7 +106,6 @@ impl ArrayDaemon {
             manager,
             exports,
             throttle,
-            model,
             pool,
             upstreams: Upstreams::new(),
             listeners,
@@ -125,13 +125,22 @@ impl ArrayDaemon {
     /// Serves until `shutdown` fires, lets connections wind down within the
     /// grace period, then marks every array clean.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DaemonError> {
+        // Published: own costs plus what requests cost the members; charged
+        // here: own costs (`self.model`, which the arrays' `cost` reads).
+        let manager = Arc::downgrade(&self.manager);
         let throttle = ThrottleService::new(
             self.throttle.clone(),
             self.upstreams.clone(),
-            self.model.clone(),
+            self.manager.published_model(),
             self.config.max_payload.0,
             Duration::from_secs(self.config.throttle.lease_ttl_secs),
-        );
+        )
+        .with_members(Arc::new(move || {
+            manager
+                .upgrade()
+                .map(|m| m.member_grants())
+                .unwrap_or_default()
+        }));
         let admin: Arc<dyn ArrayAdmin> = self.manager.clone();
         let engine_config = EngineConfig {
             handshake_timeout: Duration::from_secs(self.config.handshake_timeout_secs),

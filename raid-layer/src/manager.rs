@@ -33,9 +33,11 @@ use crate::assemble::assemble;
 use crate::member::{MemberState, member_client_config};
 use crate::meta::{SB_SLOT_SIZE, SbRead, read_copies, superblock};
 use crate::sync::{Pacer, Pass, Tally};
+use nbdraid_engine::device::OpKind;
+use nbdraid_engine::lease::{Lease, LeaseConfig, ModelWatch};
 
 /// Tunables every array of a daemon shares.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ManagerSettings {
     /// NBD connections to each member.
     pub member_connections: usize,
@@ -50,6 +52,40 @@ pub struct ManagerSettings {
     pub max_payload: u32,
     /// Resync/recovery/check rate limit in bytes per second (0: none).
     pub sync_rate: u64,
+    /// Units the array asks each member to grant it (foreground and
+    /// background each) and accounts its requests against.
+    pub member_grant: u64,
+    /// Whether admission waits for member grants (off: measurements only).
+    pub accounting: bool,
+    /// The daemon's own throttle.
+    pub throttle: Option<Arc<nbdraid_engine::throttle::Throttle>>,
+}
+
+impl std::fmt::Debug for ManagerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerSettings")
+            .field("member_connections", &self.member_connections)
+            .field("liveness_timeout", &self.liveness_timeout)
+            .field("safe_mode_delay", &self.safe_mode_delay)
+            .field("bitmap_idle", &self.bitmap_idle)
+            .field("max_payload", &self.max_payload)
+            .field("sync_rate", &self.sync_rate)
+            .field("member_grant", &self.member_grant)
+            .field("accounting", &self.accounting)
+            .finish()
+    }
+}
+
+impl ManagerSettings {
+    /// Returns the parameters of array `name` under these settings.
+    pub fn array_params(&self, name: &str) -> crate::array::ArrayParams {
+        crate::array::ArrayParams {
+            member_grant: self.member_grant,
+            accounting: self.accounting,
+            throttle: self.throttle.clone(),
+            ..crate::array::ArrayParams::new(name, self.max_payload)
+        }
+    }
 }
 
 impl Default for ManagerSettings {
@@ -61,6 +97,9 @@ impl Default for ManagerSettings {
             bitmap_idle: Duration::from_secs(5),
             max_payload: 32 << 20,
             sync_rate: 0,
+            member_grant: 64 << 20,
+            accounting: true,
+            throttle: None,
         }
     }
 }
@@ -98,6 +137,19 @@ struct Entry {
     recovering: Mutex<Vec<usize>>,
     /// When an automatic re-add of a slot last failed (back off).
     readd_backoff: Mutex<BTreeMap<usize, Instant>>,
+    /// Per member: the grants held there and its model followed.
+    links: Vec<MemberLinks>,
+}
+
+/// What the array holds at one member's control plane.
+#[derive(Default)]
+struct MemberLinks {
+    /// The foreground grant.
+    fg: Option<Lease>,
+    /// The background grant (resync, recovery, check).
+    bg: Option<Lease>,
+    /// The member's published cost model.
+    model: Option<ModelWatch>,
 }
 
 impl Entry {
@@ -123,6 +175,11 @@ pub struct Manager {
     stop: CancellationToken,
     /// This manager, for the tasks it spawns.
     me: std::sync::Weak<Manager>,
+    /// What the daemon publishes: its own costs plus, for the array whose
+    /// members cost the most, what a request costs them (see
+    /// `array::cost`). The own model (`model`) is what requests are charged
+    /// in this daemon's throttle.
+    published: SharedCostModel,
 }
 
 impl Manager {
@@ -140,13 +197,146 @@ impl Manager {
             settings,
             exports,
             pool,
-            model,
             store,
             arrays: Mutex::new(BTreeMap::new()),
             creating: tokio::sync::Mutex::new(()),
             stop: CancellationToken::new(),
             me: me.clone(),
+            published: SharedCostModel::new(model.load().as_ref().clone()),
+            model,
         })
+    }
+
+    /// Returns the model the daemon publishes (its `Throttle` service).
+    pub fn published_model(&self) -> SharedCostModel {
+        self.published.clone()
+    }
+
+    /// Returns what every array holds at its members, foreground and
+    /// background (for the `Throttle` service and `nbdraid throttle show`).
+    pub fn member_grants(&self) -> Vec<nbdraid_proto::grpc::MemberGrant> {
+        let entries: Vec<Arc<Entry>> = lock(&self.arrays).values().cloned().collect();
+        let mut out = Vec::new();
+        for e in entries {
+            let inner = e.inner();
+            for (background, grants) in [(false, &inner.grants), (true, &inner.bg_grants)] {
+                for (m, (grant, held, peak)) in inner.members.iter().zip(grants.snapshot()) {
+                    let links = e.links.get(m.slot);
+                    let lease = links.and_then(|l| {
+                        if background {
+                            l.bg.as_ref()
+                        } else {
+                            l.fg.as_ref()
+                        }
+                    });
+                    out.push(nbdraid_proto::grpc::MemberGrant {
+                        name: format!("{}/{}", inner.name, m.slot),
+                        uri: m.uri.clone(),
+                        grant,
+                        held,
+                        peak,
+                        background,
+                        lease_held: lease.is_some_and(Lease::held),
+                        model_live: links
+                            .and_then(|l| l.model.as_ref())
+                            .is_some_and(ModelWatch::is_live),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Recomputes the published model from every array's composition.
+    fn republish(&self) {
+        let base = self.model.load();
+        let entries: Vec<Arc<Entry>> = lock(&self.arrays).values().cloned().collect();
+        let composed = entries
+            .iter()
+            .map(|e| {
+                let inner = e.inner();
+                inner.composed_model(&inner.model.load())
+            })
+            .fold(base.as_ref().clone(), |acc, m| {
+                acc.max_with(&m, base.layer())
+            });
+        if *self.published.load() != composed {
+            tracing::debug!(layer = base.layer(), "published cost model updated");
+            self.published.set(composed);
+        }
+    }
+
+    /// Opens the array's links to its members' control planes: a
+    /// foreground and a background grant, and the member's cost model.
+    fn link_members(&self, inner: &ArrayInner) -> Vec<MemberLinks> {
+        inner
+            .members
+            .iter()
+            .map(|m| {
+                let Some(grpc) = &m.grpc else {
+                    return MemberLinks::default();
+                };
+                let lease = |background: bool| {
+                    Lease::start(
+                        grpc,
+                        LeaseConfig {
+                            upstream: format!(
+                                "array {} member {}{}",
+                                inner.name,
+                                m.slot,
+                                if background { " (background)" } else { "" }
+                            ),
+                            units: self.settings.member_grant,
+                            background,
+                            ..LeaseConfig::default()
+                        },
+                    )
+                };
+                MemberLinks {
+                    fg: Some(lease(false)),
+                    bg: Some(lease(true)),
+                    model: Some(ModelWatch::start(grpc, crate::member::fallback_model())),
+                }
+            })
+            .collect()
+    }
+
+    /// Brings the array's view of its members' control planes up to date:
+    /// models, grants in force, and the connections registered under each
+    /// grant (again after every reconnect).
+    async fn sync_links(&self, e: &Entry) {
+        let inner = e.inner();
+        for (m, links) in inner.members.iter().zip(&e.links) {
+            if let Some(watch) = &links.model {
+                let model = watch.model();
+                if *m.model() != model {
+                    m.set_model(model);
+                }
+            }
+            let grant = |l: &Option<Lease>| {
+                l.as_ref()
+                    .filter(|l| l.held())
+                    .map_or(self.settings.member_grant, Lease::granted)
+            };
+            inner.grants.set_grant(m.slot, grant(&links.fg));
+            inner.bg_grants.set_grant(m.slot, grant(&links.bg));
+            if let (Some(l), Some(c)) = (&links.fg, m.client()) {
+                l.set_connections(c.local_addrs());
+            }
+            if let Some(l) = &links.bg {
+                if m.bg_client().is_none_or(|c| !c.is_ready()) && m.writable() {
+                    // One connection for background work, registered under
+                    // the background grant.
+                    let config = member_client_config(1, self.settings.liveness_timeout);
+                    if let Ok(c) = Client::connect_uri(&m.uri, config).await {
+                        m.set_bg_client(Some(Arc::new(c)));
+                    }
+                }
+                if let Some(c) = m.bg_client() {
+                    l.set_connections(c.local_addrs());
+                }
+            }
+        }
     }
 
     /// Assembles every array in the state store and every configured one
@@ -235,6 +425,22 @@ impl Manager {
             self.model.clone(),
         )
         .await?;
+        if let Some(t) = &self.settings.throttle {
+            let own = array.inner().model.load();
+            let max = u64::from(self.settings.max_payload);
+            let largest = own
+                .cost(OpKind::Read, max)
+                .max(own.cost(OpKind::Write, max));
+            if t.enabled() && largest > t.min_share() {
+                return Err(AdminError::Invalid(format!(
+                    "array {:?}: its largest request needs {} of the daemon's buffers, more than a share of its \
+                     throttle holds ({}); raise throttle.capacity (and background-reserve) or lower max-payload",
+                    spec.name,
+                    nbdraid_proto::ByteSize(largest),
+                    nbdraid_proto::ByteSize(t.min_share())
+                )));
+            }
+        }
         let uuid = array
             .inner()
             .meta
@@ -256,6 +462,7 @@ impl Manager {
             check: Mutex::new(None),
             recovering: Mutex::new(Vec::new()),
             readd_backoff: Mutex::new(BTreeMap::new()),
+            links: self.link_members(array.inner()),
         });
         self.exports.insert(&spec.name, Arc::new(array));
         lock(&self.arrays).insert(spec.name.clone(), entry.clone());
@@ -279,6 +486,7 @@ impl Manager {
         }
         self.spawn_housekeeping(&entry);
         register_metrics(&entry);
+        self.republish();
         self.status_of(&entry)
     }
 
@@ -339,10 +547,19 @@ impl Manager {
                 .clamp(Duration::from_millis(50), Duration::from_secs(1));
             let mut last_sweep = Instant::now();
             let mut last_readd = Instant::now();
+            let mut states = inner.state_changed.subscribe();
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(tick) => {}
+                    // A member's state changed: publish the new costs at once.
+                    _ = states.changed() => {}
                     _ = e.stop.cancelled() => return,
+                }
+                if let Some(m) = manager.upgrade() {
+                    m.sync_links(&e).await;
+                    states.mark_unchanged();
+                    // Cheap when nothing changed (compared before it is set).
+                    m.republish();
                 }
                 inner
                     .meta
@@ -660,6 +877,26 @@ pub fn describe_metrics() {
         "nbdraid_array_check_mismatches",
         "Stripes or chunks the last check found inconsistent."
     );
+    describe_gauge!(
+        "nbdraid_array_member_grant_units",
+        "Units the member granted this array (its lease), per class; the asked amount while no lease is held."
+    );
+    describe_gauge!(
+        "nbdraid_array_member_held_units",
+        "Units this array's admitted requests hold at the member, per class (never above the grant)."
+    );
+    describe_gauge!(
+        "nbdraid_array_member_peak_held_units",
+        "Highest units this array's requests held at once at the member, per class."
+    );
+    describe_gauge!(
+        "nbdraid_array_grant_waits",
+        "Foreground requests that waited for member grants."
+    );
+    describe_gauge!(
+        "nbdraid_array_grant_wait_seconds",
+        "Total time foreground requests waited for member grants."
+    );
     describe_counter!(
         "nbdraid_array_member_failures_total",
         "Members failed (EIO, lost connection, no progress within the liveness timeout)."
@@ -688,6 +925,28 @@ fn register_metrics(entry: &Arc<Entry>) {
             metrics::gauge!("nbdraid_array_member_state", "array" => name.clone(), "slot" => m.slot.to_string())
         })
         .collect();
+    let grant_gauges =
+        |class: &'static str| -> Vec<(metrics::Gauge, metrics::Gauge, metrics::Gauge)> {
+            entry
+            .inner()
+            .members
+            .iter()
+            .map(|m| {
+                let l = |metric: &'static str| {
+                    metrics::gauge!(metric, "array" => name.clone(), "slot" => m.slot.to_string(), "class" => class)
+                };
+                (
+                    l("nbdraid_array_member_grant_units"),
+                    l("nbdraid_array_member_held_units"),
+                    l("nbdraid_array_member_peak_held_units"),
+                )
+            })
+            .collect()
+        };
+    let (fg_gauges, bg_gauges) = (grant_gauges("foreground"), grant_gauges("background"));
+    let grant_waits = metrics::gauge!("nbdraid_array_grant_waits", "array" => name.clone());
+    let grant_wait_seconds =
+        metrics::gauge!("nbdraid_array_grant_wait_seconds", "array" => name.clone());
     nbdraid_engine::metrics::on_render(move || {
         let Some(e) = weak.upgrade() else {
             return false;
@@ -723,6 +982,15 @@ fn register_metrics(entry: &Arc<Entry>) {
         for (m, gauge) in inner.members.iter().zip(&members) {
             gauge.set(f64::from(m.state() as u8));
         }
+        for (grants, gauges) in [(&inner.grants, &fg_gauges), (&inner.bg_grants, &bg_gauges)] {
+            for ((grant, held, peak), (g, h, p)) in grants.snapshot().into_iter().zip(gauges) {
+                g.set(grant as f64);
+                h.set(held as f64);
+                p.set(peak as f64);
+            }
+        }
+        grant_waits.set(inner.grants.waits.load(Ordering::Relaxed) as f64);
+        grant_wait_seconds.set(inner.grants.wait_us.load(Ordering::Relaxed) as f64 / 1e6);
         true
     });
 }

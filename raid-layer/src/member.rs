@@ -20,8 +20,44 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use nbdraid_client::{Client, ClientConfig, ClientError, Extent, IoBuf, Request};
+use nbdraid_engine::cost::CostModel;
+
+tokio::task_local! {
+    /// Set around background work (resync, recovery, check): member I/O
+    /// then goes over the member's background connection, which draws from
+    /// the member's background share.
+    static BACKGROUND: ();
+}
+
+/// Runs `fut` as background work (see [`Member`]'s background connection).
+pub async fn in_background<F: std::future::Future>(fut: F) -> F::Output {
+    BACKGROUND.scope((), fut).await
+}
+
+fn is_background() -> bool {
+    BACKGROUND.try_with(|_| ()).is_ok()
+}
+
+/// The cost model charged for a member that has not published one (or
+/// cannot be asked): twice a plain node's, to stay on the safe side.
+pub fn fallback_model() -> CostModel {
+    use nbdraid_engine::cost::{OpCost, PER_BYTE_ONE};
+    use nbdraid_engine::device::OpKind;
+    let node = CostModel::buffers("member (default)");
+    OpKind::ALL.into_iter().fold(node.clone(), |m, op| {
+        let c = node.op(op);
+        m.with_op(
+            op,
+            OpCost {
+                base: c.base * 2,
+                per_byte: (c.per_byte * 2).max(if op.has_data() { PER_BYTE_ONE } else { 0 }),
+            },
+        )
+    })
+}
 
 /// What a member is to its array.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,7 +164,15 @@ pub struct Member {
     pub uri: String,
     /// Offset of the data area in the member volume.
     pub data_offset: u64,
+    /// The member layer's gRPC control plane (`?grpc=` in its URI), for
+    /// its cost model and grants.
+    pub grpc: Option<String>,
     client: RwLock<Option<Arc<Client>>>,
+    /// A connection for background work, drawing from the member's
+    /// background share (falls back to the foreground client).
+    bg_client: RwLock<Option<Arc<Client>>>,
+    /// The member's published cost model (or [`fallback_model`]).
+    model: ArcSwap<CostModel>,
     state: AtomicU8,
     outstanding: AtomicUsize,
     /// Member blocks being read-modify-written for an unaligned write.
@@ -180,11 +224,17 @@ impl Member {
         client: Option<Arc<Client>>,
         state: MemberState,
     ) -> Arc<Self> {
+        let grpc = nbdraid_client::uri::parse_full(uri)
+            .ok()
+            .and_then(|u| u.grpc);
         Arc::new(Self {
             slot,
             uri: uri.to_string(),
             data_offset,
+            grpc,
             client: RwLock::new(client),
+            bg_client: RwLock::new(None),
+            model: ArcSwap::from_pointee(fallback_model()),
             state: AtomicU8::new(state as u8),
             outstanding: AtomicUsize::new(0),
             partial_blocks: crate::array::KeyLocks::new(),
@@ -226,6 +276,37 @@ impl Member {
             .clone()
     }
 
+    /// Returns the background client, if one is connected.
+    pub fn bg_client(&self) -> Option<Arc<Client>> {
+        self.bg_client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the background client, returning the old one.
+    pub fn set_bg_client(&self, client: Option<Arc<Client>>) -> Option<Arc<Client>> {
+        std::mem::replace(
+            &mut *self.bg_client.write().unwrap_or_else(|e| e.into_inner()),
+            client,
+        )
+    }
+
+    /// Returns the member's cost model in force.
+    pub fn model(&self) -> Arc<CostModel> {
+        self.model.load_full()
+    }
+
+    /// Returns a cheap view of the member's cost model, for the hot path.
+    pub fn model_guard(&self) -> arc_swap::Guard<Arc<CostModel>> {
+        self.model.load()
+    }
+
+    /// Sets the member's cost model (followed from its `Throttle` service).
+    pub fn set_model(&self, model: CostModel) {
+        self.model.store(Arc::new(model));
+    }
+
     /// Replaces the client (after a reconnect), returning the old one.
     pub fn set_client(&self, client: Option<Arc<Client>>) -> Option<Arc<Client>> {
         std::mem::replace(
@@ -264,7 +345,14 @@ impl Member {
 
     /// Runs `req` on the member's client, counting it in flight.
     async fn submit(&self, req: Request) -> Result<nbdraid_client::Done, MemberError> {
-        let client = self.client().ok_or_else(|| self.unavailable())?;
+        let bg = if is_background() {
+            self.bg_client().filter(|c| c.is_ready())
+        } else {
+            None
+        };
+        let client = bg
+            .or_else(|| self.client())
+            .ok_or_else(|| self.unavailable())?;
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.outstanding);
         let start = quanta::Instant::now();

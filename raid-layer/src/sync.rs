@@ -136,10 +136,66 @@ impl Pacer {
     }
 }
 
+/// What one unit of background work holds while it runs: its own units in
+/// the background share of the array's throttle, and its units of the
+/// background grants at the members.
+pub struct BackgroundAdmission {
+    _own: Option<nbdraid_engine::throttle::ThrottleGuard>,
+    _members: crate::array::GrantGuard,
+}
+
 impl ArrayInner {
+    /// Admits one unit of background work touching `per_member` bytes of
+    /// each member (a read and a write at most), in the background class
+    /// of this layer and of every member; waits while foreground work
+    /// holds the budget (and never takes the foreground's share).
+    pub async fn admit_background(&self, per_member: u64) -> Result<BackgroundAdmission, IoError> {
+        let n = self.members.len() as u64;
+        let own = match &self.throttle {
+            Some(t) => {
+                // The column, P and Q, and a copy: at most n + 3 buffers.
+                let units = per_member.saturating_mul(n + 3) + nbdraid_engine::cost::BASE_COST;
+                Some(
+                    t.acquire(nbdraid_engine::throttle::BACKGROUND, units)
+                        .await?
+                        .0,
+                )
+            }
+            None => None,
+        };
+        let needs = self
+            .members
+            .iter()
+            .filter(|m| m.writable())
+            .map(|m| {
+                let model = m.model_guard();
+                let units = model
+                    .cost(nbdraid_engine::device::OpKind::Read, per_member)
+                    .saturating_add(model.cost(nbdraid_engine::device::OpKind::Write, per_member));
+                (m.slot, units)
+            })
+            .collect();
+        Ok(BackgroundAdmission {
+            _own: own,
+            _members: self.bg_grants.acquire(needs).await,
+        })
+    }
+
+    /// Runs `pass` over member rows `rows` (member data offsets), counting
+    /// into `tally`, in the background class.
+    pub async fn sync_rows(
+        &self,
+        rows: Range<u64>,
+        pass: Pass,
+        tally: &Tally,
+        pacer: &mut Pacer,
+    ) -> Result<(), IoError> {
+        crate::member::in_background(self.sync_rows_inner(rows, pass, tally, pacer)).await
+    }
+
     /// Runs `pass` over member rows `rows` (member data offsets), counting
     /// into `tally`.
-    pub async fn sync_rows(
+    async fn sync_rows_inner(
         &self,
         rows: Range<u64>,
         pass: Pass,
@@ -205,6 +261,7 @@ impl ArrayInner {
         };
         let redundancy = self.layout.level().redundancy().unwrap_or(Redundancy::P);
         let chunk = self.layout.chunk();
+        let _admitted = self.admit_background(chunk).await?;
         let _lock = self.locks.lock(s).await;
         if self.is_failed() {
             return Err(self.failed_error("sync"));
@@ -279,6 +336,7 @@ impl ArrayInner {
         else {
             return Ok(());
         };
+        let _admitted = self.admit_background(piece.len).await?;
         let _lock = self.locks.lock(unit).await;
         if self.is_failed() {
             return Err(self.failed_error("sync"));

@@ -127,10 +127,7 @@ async fn build_aligned(
     }
     let layout = Layout::new(Geometry::new(level, n, chunk, member_size)).expect("geometry");
     let array = Array::new(
-        ArrayParams {
-            name: format!("{level}"),
-            max_payload: 32 << 20,
-        },
+        ArrayParams::new(&format!("{level}"), 32 << 20),
         layout,
         handles,
         BufferPool::new(256 << 20),
@@ -418,5 +415,73 @@ async fn members_with_a_minimum_block_size_serve_any_alignment() {
         let mut rng = Rng(40);
         exercise(&t, &mut model, &mut rng, 120).await;
         check_consistency(&t);
+    }
+}
+
+/// The published (composed) model bounds what any request is charged: its
+/// own units plus what it reserves at every member; a degraded array
+/// publishes higher read costs and reserves reconstruction reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composed_model_bounds_every_request_and_rises_when_degraded() {
+    use nbdraid_engine::device::OpKind;
+    for (level, n, chunk) in [
+        (Level::Raid0, 3, 4096),
+        (Level::Raid1, 2, 4096),
+        (Level::Raid5, 4, 8192),
+        (Level::Raid6, 5, 4096),
+        (Level::Raid10, 3, 4096),
+    ] {
+        let t = build(level, n, chunk, 1 << 20).await;
+        let inner = t.array.inner();
+        let check = |rng: &mut Rng| {
+            let own = inner.model.load();
+            let composed = inner.composed_model(&own);
+            let size = t.layout.size();
+            for _ in 0..300 {
+                let op = OpKind::ALL[rng.below(OpKind::ALL.len() as u64) as usize];
+                let offset = rng.below(size);
+                let len = 1 + rng.below(size - offset);
+                let members: u64 = inner
+                    .member_needs(op, offset, len)
+                    .iter()
+                    .map(|(_, u)| u)
+                    .sum();
+                let charged = own.cost(op, len) + members;
+                assert!(
+                    charged <= composed.cost(op, len),
+                    "{level} {op:?} {offset}+{len}: charged {charged} > published {}",
+                    composed.cost(op, len)
+                );
+            }
+            composed
+        };
+        let mut rng = Rng(77);
+        let healthy = check(&mut rng);
+        if level == Level::Raid0 {
+            continue;
+        }
+        fail(&t, 0);
+        // Make the array notice (a read of every member's chunks).
+        let _ = read(&t.array, 0, t.layout.size() as usize).await;
+        assert!(inner.is_degraded(), "{level}: the failure was not noticed");
+        let degraded = check(&mut rng);
+        if level.redundancy().is_some() {
+            assert!(
+                degraded.cost(OpKind::Read, 4096) > healthy.cost(OpKind::Read, 4096),
+                "{level}: a degraded array must publish a higher read cost"
+            );
+            // A read of a chunk on the lost member reserves the rest of its stripe.
+            let sd = t.layout.stripe_data_bytes().expect("striped");
+            let (stripe, i) = (0..t.layout.rows())
+                .find_map(|r| {
+                    let s = t.layout.stripe(r)?;
+                    let i = (0..s.data_chunks()).find(|&i| s.data_member(i) == Some(0))?;
+                    Some((r, i))
+                })
+                .expect("member 0 holds data in some stripe");
+            let offset = stripe * sd + i as u64 * chunk;
+            let needs = inner.member_needs(OpKind::Read, offset, 4096);
+            assert_eq!(needs.len(), n - 1, "{level}: {needs:?}");
+        }
     }
 }

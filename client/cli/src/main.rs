@@ -17,6 +17,7 @@ mod bench;
 mod cp;
 mod info;
 mod nbd;
+mod throttle;
 mod units;
 
 use std::process::ExitCode;
@@ -63,6 +64,13 @@ enum Command {
         #[command(subcommand)]
         cmd: array::ArrayCmd,
     },
+    /// Show a layer's writeout throttle (node or array daemon): capacity,
+    /// use, shares, its published cost model and, for an array daemon, what
+    /// it holds at each member against each member's grant.
+    Throttle {
+        #[command(subcommand)]
+        cmd: throttle::ThrottleCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Volume { node, cmd } => admin::volume(&node.node, cmd).await,
             Command::Node { node, cmd } => admin::node(&node.node, cmd).await,
             Command::Array { array, cmd } => array::run(&array.array, cmd).await,
+            Command::Throttle { cmd } => throttle::run(cmd).await,
         }
     })
 }

@@ -139,6 +139,20 @@ impl CostModel {
         self.ops[op.index()].cost(len)
     }
 
+    /// Returns a model named `layer` that bounds both `self` and `other`:
+    /// per operation the larger base and the larger per-byte cost.
+    pub fn max_with(&self, other: &CostModel, layer: &str) -> CostModel {
+        let mut ops = self.ops;
+        for (a, b) in ops.iter_mut().zip(other.ops.iter()) {
+            a.base = a.base.max(b.base);
+            a.per_byte = a.per_byte.max(b.per_byte);
+        }
+        CostModel {
+            layer: layer.to_string(),
+            ops,
+        }
+    }
+
     /// Returns the model in its published (protobuf) form.
     pub fn to_wire(&self) -> Vec<grpc::OpCost> {
         OpKind::ALL

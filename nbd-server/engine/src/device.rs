@@ -187,6 +187,26 @@ impl Extent {
     }
 }
 
+/// What a request holds beneath its layer while it runs (for an array: its
+/// units of the grants at the members it touches). Dropped when the
+/// request completes.
+#[derive(Default)]
+pub struct Reservation(
+    #[allow(dead_code, reason = "held for its drop")] Option<Box<dyn Send + Sync>>,
+);
+
+impl Reservation {
+    /// Returns a reservation holding nothing.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Returns a reservation holding `guard` until it is dropped.
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        Self(Some(Box::new(guard)))
+    }
+}
+
 /// A block device served over NBD.
 pub trait BlockDevice: Send + Sync + 'static {
     /// Returns what the device is and can do, as of now.
@@ -234,4 +254,20 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// bound, read from the same [`crate::cost::SharedCostModel`] the layer
     /// publishes, so the two cannot drift apart.
     fn cost(&self, op: OpKind, len: u64) -> u64;
+
+    /// Reserves what the request will need beneath this layer, after its
+    /// own units ([`BlockDevice::cost`]) and before a write's payload is
+    /// read: the engine awaits it in the connection's reader, so waiting
+    /// here pushes back on the client like waiting for the throttle. The
+    /// reservation is held until the request completes. Devices with
+    /// nothing beneath them return `None` (the default).
+    fn reserve(
+        &self,
+        _ctx: IoContext,
+        _op: OpKind,
+        _offset: u64,
+        _len: u64,
+    ) -> Option<IoFuture<Reservation>> {
+        None
+    }
 }

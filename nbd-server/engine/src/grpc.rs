@@ -47,8 +47,12 @@ pub fn metric_model(throttle: &Throttle, model: &SharedCostModel, max_payload: u
             })
             .collect(),
         enabled: throttle.enabled(),
+        members: Vec::new(),
     }
 }
+
+/// Reports what a layer holds at its members (see [`ThrottleService::with_members`]).
+pub type MembersFn = Arc<dyn Fn() -> Vec<grpc::MemberGrant> + Send + Sync>;
 
 /// The `Throttle` service.
 pub struct ThrottleService {
@@ -57,6 +61,7 @@ pub struct ThrottleService {
     model: SharedCostModel,
     max_payload: u64,
     lease_ttl: Duration,
+    members: Option<MembersFn>,
 }
 
 impl ThrottleService {
@@ -75,7 +80,23 @@ impl ThrottleService {
             model,
             max_payload,
             lease_ttl,
+            members: None,
         }
+    }
+
+    /// Returns the service reporting, with every model, what the layer
+    /// holds at its members (an array daemon's grants).
+    pub fn with_members(mut self, members: MembersFn) -> Self {
+        self.members = Some(members);
+        self
+    }
+
+    fn model(&self) -> MetricModel {
+        let mut m = metric_model(&self.throttle, &self.model, self.max_payload);
+        if let Some(f) = &self.members {
+            m.members = f();
+        }
+        m
     }
 }
 
@@ -90,11 +111,7 @@ impl throttle_server::Throttle for ThrottleService {
         &self,
         _: Request<grpc::GetMetricRequest>,
     ) -> Result<Response<MetricModel>, Status> {
-        Ok(Response::new(metric_model(
-            &self.throttle,
-            &self.model,
-            self.max_payload,
-        )))
+        Ok(Response::new(self.model()))
     }
 
     type WatchMetricStream = ReplyStream<MetricModel>;
@@ -110,10 +127,14 @@ impl throttle_server::Throttle for ThrottleService {
         let model = self.model.clone();
         let mut changed = model.subscribe();
         let max_payload = self.max_payload;
+        let members = self.members.clone();
         tokio::spawn(async move {
             let mut last: Option<MetricModel> = None;
             loop {
-                let now = metric_model(&throttle, &model, max_payload);
+                let mut now = metric_model(&throttle, &model, max_payload);
+                if let Some(f) = &members {
+                    now.members = f();
+                }
                 if last.as_ref() != Some(&now) {
                     if tx.send(Ok(now.clone())).await.is_err() {
                         return;

@@ -21,6 +21,8 @@
 //! lost than the level tolerates, the array is failed and every request
 //! gets EIO at once.
 
+pub mod cost;
+mod grants;
 mod locks;
 pub mod meta;
 mod parity_write;
@@ -35,9 +37,12 @@ use nbdraid_engine::Error as IoError;
 use nbdraid_engine::buffer::{BufferPool, IoBuf};
 use nbdraid_engine::cost::SharedCostModel;
 use nbdraid_engine::device::{
-    BlockDevice, BlockSizes, DeviceInfo, Extent, IoContext, IoFuture, OpKind, ZeroFlags,
+    BlockDevice, BlockSizes, DeviceInfo, Extent, IoClass, IoContext, IoFuture, OpKind, Reservation,
+    ZeroFlags,
 };
+use nbdraid_engine::throttle::Throttle;
 
+pub use grants::{GrantGuard, Grants, Needs};
 pub use locks::{KeyGuard, KeyLocks};
 
 use crate::layout::{Layout, Level};
@@ -45,12 +50,35 @@ use crate::member::{Member, MemberError, MemberState};
 use meta::ArrayMeta;
 
 /// How an array is set up, beyond its geometry.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ArrayParams {
     /// The array's (and its export's) name.
     pub name: String,
     /// Largest READ/WRITE payload the array accepts.
     pub max_payload: u32,
+    /// Units the array accounts against at each member (the grant it asks
+    /// each member for), foreground and background each.
+    pub member_grant: u64,
+    /// Whether admission waits for member grants (off: measurements only).
+    pub accounting: bool,
+    /// The daemon's own throttle, for the units a request needs beyond
+    /// its admission (reconstruction after a member fails under it) and
+    /// for background work.
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+impl ArrayParams {
+    /// Returns the parameters of array `name` with the defaults: a 64 MiB
+    /// grant at each member, accounting on, no own throttle.
+    pub fn new(name: &str, max_payload: u32) -> Self {
+        Self {
+            name: name.to_string(),
+            max_payload,
+            member_grant: 64 << 20,
+            accounting: true,
+            throttle: None,
+        }
+    }
 }
 
 /// The array's shared state; the [`Array`] handle clones an `Arc` of it
@@ -68,11 +96,28 @@ pub struct ArrayInner {
     pub locks: Arc<KeyLocks>,
     /// Metadata: bitmap, superblocks.
     pub meta: Arc<ArrayMeta>,
-    /// The layer's cost model.
+    /// This array's own cost model (its buffers per request, for its
+    /// level and geometry): what the daemon's throttle charges its
+    /// requests. Named after the daemon's layer.
     pub model: SharedCostModel,
     /// More members lost than the level tolerates: everything gets EIO.
     failed: AtomicBool,
     max_payload: u32,
+    /// Units held at each member by foreground requests.
+    pub grants: Arc<Grants>,
+    /// Units held at each member by background work.
+    pub bg_grants: Arc<Grants>,
+    /// A second-level reserve at each member (an eighth of the grant) for
+    /// requests that learn mid-flight that a member failed and must read
+    /// the rest of a stripe to reconstruct: they hold their admission and
+    /// wait here, and nothing that holds units here waits for anything,
+    /// so this cannot deadlock.
+    pub recon: Arc<Grants>,
+    /// The daemon's own throttle (see [`ArrayParams::throttle`]).
+    pub throttle: Option<Arc<Throttle>>,
+    /// Bumped whenever a member's state changes (the published model
+    /// follows it).
+    pub state_changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// An array, served by the engine as a block device.
@@ -113,6 +158,14 @@ impl Array {
         meta: Arc<ArrayMeta>,
         model: SharedCostModel,
     ) -> Self {
+        let grants = vec![params.member_grant; members.len()];
+        let g = layout.geometry();
+        let model = SharedCostModel::new(cost::own_cost_model(
+            model.load().layer(),
+            g.level,
+            g.members as u64,
+            g.chunk,
+        ));
         let inner = Arc::new(ArrayInner {
             name: params.name,
             layout,
@@ -123,6 +176,11 @@ impl Array {
             model,
             failed: AtomicBool::new(false),
             max_payload: params.max_payload,
+            recon: Grants::new(grants.iter().map(|g| g / 8).collect(), params.accounting),
+            grants: Grants::new(grants.clone(), params.accounting),
+            bg_grants: Grants::new(grants, params.accounting),
+            throttle: params.throttle,
+            state_changed: tokio::sync::watch::Sender::new(0),
         });
         inner.update_failed();
         Self { inner }
@@ -155,8 +213,10 @@ impl ArrayInner {
         self.members.iter().any(|m| !m.readable())
     }
 
-    /// Recomputes whether the array can still serve every byte.
+    /// Recomputes whether the array can still serve every byte, and tells
+    /// watchers that a member's state changed.
     pub(crate) fn update_failed(&self) {
+        self.state_changed.send_modify(|v| *v = v.wrapping_add(1));
         let lost = |mut slots: Box<dyn Iterator<Item = usize> + '_>| {
             slots.all(|s| !self.members[s].writable())
         };
@@ -377,5 +437,27 @@ impl BlockDevice for Array {
 
     fn cost(&self, op: OpKind, len: u64) -> u64 {
         self.inner.model.cost(op, len)
+    }
+
+    fn reserve(
+        &self,
+        ctx: IoContext,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+    ) -> Option<IoFuture<Reservation>> {
+        let inner = &self.inner;
+        let needs = inner.member_needs(op, offset, len);
+        if needs.is_empty() {
+            return None;
+        }
+        let grants = if ctx.class == IoClass::Background {
+            inner.bg_grants.clone()
+        } else {
+            inner.grants.clone()
+        };
+        Some(Box::pin(async move {
+            Ok(Reservation::new(grants.acquire(needs).await))
+        }))
     }
 }

@@ -111,11 +111,33 @@ impl ArrayInner {
                 }
             }
         }
+        // Re-admission at the degraded cost: the rest of the stripe is read.
+        let _recon = self
+            .recon
+            .acquire(self.reconstruction_needs(stripe, piece.len))
+            .await;
         let _lock = self.locks.lock(stripe).await;
         let range = piece.in_chunk..piece.in_chunk + piece.len;
         let mut column = self.read_column(stripe, range).await?;
         buf.copy_from_slice(&column.swap_remove(index));
         Ok(buf)
+    }
+
+    /// Returns what reconstructing `len` bytes of a chunk of `stripe` costs
+    /// the members it reads (every other readable member of the stripe).
+    fn reconstruction_needs(&self, stripe: u64, len: u64) -> super::Needs {
+        let Some(s) = self.layout.stripe(stripe) else {
+            return Vec::new();
+        };
+        s.members()
+            .filter(|&m| self.members[m].readable())
+            .map(|m| {
+                let cost = self.members[m]
+                    .model_guard()
+                    .cost(nbdraid_engine::device::OpKind::Read, len);
+                (m, cost)
+            })
+            .collect()
     }
 
     /// Reads byte range `range` (inside a chunk) of every chunk of stripe

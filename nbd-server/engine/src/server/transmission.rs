@@ -29,7 +29,7 @@ use super::handshake::{Session, transmission_flags};
 use super::reply::{self, Reply};
 use super::{Engine, ExportRegistry};
 use crate::buffer::{IoBuf, ReadData};
-use crate::device::{BlockDevice, IoClass, IoContext, IoFuture, OpKind, ZeroFlags};
+use crate::device::{BlockDevice, IoClass, IoContext, IoFuture, OpKind, Reservation, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::metrics::OpMetrics;
 use crate::throttle::BACKGROUND;
@@ -165,6 +165,26 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
                     continue;
                 }
             };
+            // What the request needs beneath this layer, in the same
+            // order every time: own units first, then the layers below.
+            let reservation =
+                match self
+                    .device
+                    .reserve(self.context(), op, hdr.offset, hdr.length as u64)
+                {
+                    None => Reservation::none(),
+                    Some(f) => match f.await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if op == OpKind::Write {
+                                discard_payload(reader, hdr.length as u64).await?;
+                            }
+                            drop(guard);
+                            self.reply_error(&hdr, Some(op), e).await;
+                            continue;
+                        }
+                    },
+                };
             let payload = if op == OpKind::Write {
                 let mut buf = self.engine.pool.get(hdr.length as usize);
                 read_payload(reader, &mut buf).await?;
@@ -172,7 +192,21 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
             } else {
                 None
             };
-            self.dispatch(hdr, op, guard, payload);
+            self.dispatch(hdr, op, (guard, reservation), payload);
+        }
+    }
+
+    /// Returns the context of this connection's requests: its share, and
+    /// the background class when that share is the background pool.
+    fn context(&self) -> IoContext {
+        let share = self.share.get();
+        IoContext {
+            upstream: share,
+            class: if share == BACKGROUND {
+                IoClass::Background
+            } else {
+                IoClass::Foreground
+            },
         }
     }
 
@@ -266,25 +300,24 @@ impl<D: BlockDevice, R: ExportRegistry<D>> Conn<D, R> {
         let _ = self.tx.send(r);
     }
 
-    fn dispatch(&self, h: RequestHeader, op: OpKind, guard: ThrottleGuard, payload: Option<IoBuf>) {
+    fn dispatch(
+        &self,
+        h: RequestHeader,
+        op: OpKind,
+        (guard, reservation): (ThrottleGuard, Reservation),
+        payload: Option<IoBuf>,
+    ) {
         let start = quanta::Instant::now();
         let (cookie, offset, len) = (h.cookie, h.offset, h.length as u64);
         let fua = h.flags & cmd_flags::FUA != 0;
         let dev = &self.device;
-        let share = self.share.get();
-        let ctx = IoContext {
-            upstream: share,
-            class: if share == BACKGROUND {
-                IoClass::Background
-            } else {
-                IoClass::Foreground
-            },
-        };
+        let ctx = self.context();
         let structured = self.structured;
         let done = Completion {
             tx: self.tx.clone(),
             metrics: self.metrics.clone(),
             guard,
+            _reservation: reservation,
             op,
             cookie,
             len,
@@ -379,6 +412,8 @@ struct Completion {
     tx: UnboundedSender<Reply>,
     metrics: Arc<OpMetrics>,
     guard: ThrottleGuard,
+    /// Held until the request completes (dropped with the completion).
+    _reservation: Reservation,
     op: OpKind,
     cookie: u64,
     len: u64,
