@@ -83,6 +83,9 @@ pub struct MembersConfig {
     /// (members that publish a gRPC address with `?grpc=`); requests are
     /// admitted only when they fit in what they need at every member.
     pub grant: ByteSize,
+    /// Units asked of each member's background share for resync, recovery
+    /// and check (default: a quarter of `grant`).
+    pub background_grant: Option<ByteSize>,
     /// Account requests against the members' grants. `false` is for
     /// measurements only: the members' memory is then bounded only by
     /// their own throttles.
@@ -95,6 +98,7 @@ impl Default for MembersConfig {
             connections: 2,
             liveness_timeout_ms: 10_000,
             grant: ByteSize(64 << 20),
+            background_grant: None,
             accounting: true,
         }
     }
@@ -317,6 +321,10 @@ impl ArrayDaemonConfig {
             max_payload: u32::try_from(self.max_payload.0).unwrap_or(u32::MAX),
             sync_rate: self.sync_rate.0,
             member_grant: self.members.grant.0,
+            background_grant: self
+                .members
+                .background_grant
+                .map_or(self.members.grant.0 / 4, |g| g.0),
             accounting: self.members.accounting,
             throttle: None,
         }

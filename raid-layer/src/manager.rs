@@ -55,6 +55,8 @@ pub struct ManagerSettings {
     /// Units the array asks each member to grant it (foreground and
     /// background each) and accounts its requests against.
     pub member_grant: u64,
+    /// Units asked of each member's background share.
+    pub background_grant: u64,
     /// Whether admission waits for member grants (off: measurements only).
     pub accounting: bool,
     /// The daemon's own throttle.
@@ -71,6 +73,7 @@ impl std::fmt::Debug for ManagerSettings {
             .field("max_payload", &self.max_payload)
             .field("sync_rate", &self.sync_rate)
             .field("member_grant", &self.member_grant)
+            .field("background_grant", &self.background_grant)
             .field("accounting", &self.accounting)
             .finish()
     }
@@ -81,6 +84,7 @@ impl ManagerSettings {
     pub fn array_params(&self, name: &str) -> crate::array::ArrayParams {
         crate::array::ArrayParams {
             member_grant: self.member_grant,
+            background_grant: self.background_grant,
             accounting: self.accounting,
             throttle: self.throttle.clone(),
             ..crate::array::ArrayParams::new(name, self.max_payload)
@@ -98,6 +102,7 @@ impl Default for ManagerSettings {
             max_payload: 32 << 20,
             sync_rate: 0,
             member_grant: 64 << 20,
+            background_grant: 16 << 20,
             accounting: true,
             throttle: None,
         }
@@ -286,7 +291,11 @@ impl Manager {
                                 m.slot,
                                 if background { " (background)" } else { "" }
                             ),
-                            units: self.settings.member_grant,
+                            units: if background {
+                                self.settings.background_grant
+                            } else {
+                                self.settings.member_grant
+                            },
                             background,
                             ..LeaseConfig::default()
                         },
@@ -313,13 +322,17 @@ impl Manager {
                     m.set_model(model);
                 }
             }
-            let grant = |l: &Option<Lease>| {
+            let grant = |l: &Option<Lease>, asked: u64| {
                 l.as_ref()
                     .filter(|l| l.held())
-                    .map_or(self.settings.member_grant, Lease::granted)
+                    .map_or(asked, Lease::granted)
             };
-            inner.grants.set_grant(m.slot, grant(&links.fg));
-            inner.bg_grants.set_grant(m.slot, grant(&links.bg));
+            inner
+                .grants
+                .set_grant(m.slot, grant(&links.fg, self.settings.member_grant));
+            inner
+                .bg_grants
+                .set_grant(m.slot, grant(&links.bg, self.settings.background_grant));
             if let (Some(l), Some(c)) = (&links.fg, m.client()) {
                 l.set_connections(c.local_addrs());
             }

@@ -180,11 +180,13 @@ impl throttle_server::Throttle for ThrottleService {
         } else {
             FOREGROUND
         };
-        let share = if open.units > 0 {
+        // A lease of 0 units runs in the class's pool; otherwise the lower
+        // layer grants what it can spare (see `Throttle::add_share`).
+        let (share, units) = if open.units > 0 {
             self.throttle
                 .add_share(&open.upstream, open.units, parent)?
         } else {
-            parent
+            (parent, 0)
         };
         let share_name = self
             .throttle
@@ -193,10 +195,9 @@ impl throttle_server::Throttle for ThrottleService {
             .find(|s| s.id == share)
             .map(|s| s.name)
             .unwrap_or_default();
-        tracing::info!(upstream = %open.upstream, units = open.units, share = %share_name, "lease opened");
+        tracing::info!(upstream = %open.upstream, asked = open.units, granted = units, share = %share_name, "lease opened");
         let (tx, rx) = mpsc::channel(16);
         let ttl = self.lease_ttl;
-        let units = open.units;
         let upstream = open.upstream.clone();
         let reply = move |registered: &[SocketAddr]| LeaseReply {
             granted: units,

@@ -330,34 +330,32 @@ impl Throttle {
             .collect()
     }
 
-    /// Carves a share of `units` out of `parent` (FOREGROUND or BACKGROUND)
-    /// for a grant; returns its id. The parent must keep at least the
-    /// smallest share, and `units` must be at least that too.
-    pub fn add_share(&self, name: &str, units: u64, parent: ShareId) -> Result<ShareId> {
-        if units < self.min_share {
-            return Err(Error::Throttle(format!(
-                "a grant of {units} units is smaller than the largest request ({} units)",
-                self.min_share
-            )));
-        }
+    /// Carves a share for a grant out of `parent` (FOREGROUND or BACKGROUND)
+    /// and returns its id and size. The lower layer grants what it can: the
+    /// `wanted` units, raised to at least the largest request (a smaller
+    /// share could never admit it) and cut to what the parent can spare
+    /// while keeping one largest request for everyone else. Fails only when
+    /// not even the largest request can be spared.
+    pub fn add_share(&self, name: &str, wanted: u64, parent: ShareId) -> Result<(ShareId, u64)> {
         let mut st = self.lock();
         let p = st
             .shares
             .get_mut(&parent)
             .ok_or_else(|| Error::Throttle(format!("no share {parent}")))?;
-        let left = p.reserved.saturating_sub(units);
-        if p.reserved < units || left < self.min_share {
+        let spare = p.reserved.saturating_sub(self.min_share);
+        let units = wanted.max(self.min_share).min(spare);
+        if units < self.min_share {
             return Err(Error::Throttle(format!(
-                "cannot grant {units} units: the {} pool has {} reserved and must keep {}",
+                "cannot grant {wanted} units: the {} pool has {} reserved and must keep {} (the largest request) for itself",
                 p.name, p.reserved, self.min_share
             )));
         }
-        p.reserved = left;
+        p.reserved -= units;
         let id = st.next_share;
         st.next_share += 1;
         let share = self.new_share(name, units, Some(parent));
         st.shares.insert(id, share);
-        Ok(id)
+        Ok((id, units))
     }
 
     /// Removes a grant's share, returning its reservation to its parent.
@@ -707,15 +705,18 @@ mod tests {
     #[tokio::test]
     async fn grants_carve_and_return_reservations() {
         let t = throttle(100, 20, 10);
-        let g = t.add_share("up1", 30, FOREGROUND).unwrap();
+        let (g, units) = t.add_share("up1", 30, FOREGROUND).unwrap();
+        assert_eq!(units, 30, "granted in full when it fits");
+        let (g2, units) = t.add_share("up2", 45, FOREGROUND).unwrap();
+        assert_eq!(units, 40, "cut to what the pool spares: it keeps 10");
         assert!(
-            t.add_share("up2", 45, FOREGROUND).is_err(),
-            "foreground must keep 10"
+            t.add_share("up3", 10, FOREGROUND).is_err(),
+            "nothing left to spare"
         );
-        assert!(
-            t.add_share("tiny", 5, FOREGROUND).is_err(),
-            "smaller than the largest request"
-        );
+        t.remove_share(g2);
+        let (g3, units) = t.add_share("tiny", 5, FOREGROUND).unwrap();
+        assert_eq!(units, 10, "raised to the largest request");
+        t.remove_share(g3);
         let fg = t.shares().into_iter().find(|s| s.id == FOREGROUND).unwrap();
         assert_eq!(fg.reserved, 50);
         let (held, _) = t.acquire(g, 30).await.unwrap();

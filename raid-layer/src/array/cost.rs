@@ -117,16 +117,17 @@ impl ArrayInner {
                     };
                     for span in spans {
                         let w: u64 = span.parity_ranges().map(|r| r.end - r.start).sum();
+                        // A full stripe is written without reading; a
+                        // partial one may read as much as it writes (RMW or
+                        // reconstruct-write) at any member.
+                        let full = span.is_full();
                         for m in span
                             .stripe
                             .members()
                             .filter(|&m| self.members[m].writable())
                         {
-                            add(
-                                &mut needs,
-                                m,
-                                cost(m, OpKind::Read, w) + cost(m, OpKind::Write, w),
-                            );
+                            let read = if full { 0 } else { cost(m, OpKind::Read, w) };
+                            add(&mut needs, m, read + cost(m, OpKind::Write, w));
                         }
                     }
                     return needs;

@@ -57,8 +57,10 @@ pub struct ArrayParams {
     /// Largest READ/WRITE payload the array accepts.
     pub max_payload: u32,
     /// Units the array accounts against at each member (the grant it asks
-    /// each member for), foreground and background each.
+    /// each member for) for foreground requests.
     pub member_grant: u64,
+    /// The same for background work.
+    pub background_grant: u64,
     /// Whether admission waits for member grants (off: measurements only).
     pub accounting: bool,
     /// The daemon's own throttle, for the units a request needs beyond
@@ -75,6 +77,7 @@ impl ArrayParams {
             name: name.to_string(),
             max_payload,
             member_grant: 64 << 20,
+            background_grant: 16 << 20,
             accounting: true,
             throttle: None,
         }
@@ -178,7 +181,10 @@ impl Array {
             max_payload: params.max_payload,
             recon: Grants::new(grants.iter().map(|g| g / 8).collect(), params.accounting),
             grants: Grants::new(grants.clone(), params.accounting),
-            bg_grants: Grants::new(grants, params.accounting),
+            bg_grants: Grants::new(
+                vec![params.background_grant; grants.len()],
+                params.accounting,
+            ),
             throttle: params.throttle,
             state_changed: tokio::sync::watch::Sender::new(0),
         });

@@ -168,6 +168,11 @@ impl ArrayDaemon {
         self.proc.metrics_text()
     }
 
+    /// Returns the daemon's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.proc.peak_rss()
+    }
+
     /// Runs `nbdraid array ARGS --array ADDR` (bounded), returning its output.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(cli_binary());
@@ -231,12 +236,24 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes, each with volumes `volumes` (`NAME:SIZE`).
     pub fn start(n: usize, volumes: &[&str]) -> Cluster {
+        Self::start_with(n, volumes, |b| b)
+    }
+
+    /// Like [`Cluster::start`], each node's builder passed through `more`
+    /// (extra flags, metrics...).
+    pub fn start_with(
+        n: usize,
+        volumes: &[&str],
+        more: impl Fn(crate::node::NodeBuilder) -> crate::node::NodeBuilder,
+    ) -> Cluster {
         let nodes = (0..n)
             .map(|_| {
-                volumes
-                    .iter()
-                    .fold(Node::builder().grpc(), |b, v| b.volume(v))
-                    .start()
+                more(
+                    volumes
+                        .iter()
+                        .fold(Node::builder().grpc(), |b, v| b.volume(v)),
+                )
+                .start()
             })
             .collect();
         Cluster { nodes }
@@ -245,5 +262,19 @@ impl Cluster {
     /// Returns the URIs of volume `name` on nodes `which` (in that order).
     pub fn members(&self, name: &str, which: &[usize]) -> Vec<String> {
         which.iter().map(|&i| self.nodes[i].uri(name)).collect()
+    }
+
+    /// Like [`Cluster::members`], with each node's control plane in the
+    /// URI (`?grpc=`), so the array holds grants at the members and
+    /// follows their cost models.
+    pub fn members_leased(&self, name: &str, which: &[usize]) -> Vec<String> {
+        which
+            .iter()
+            .map(|&i| {
+                let node = &self.nodes[i];
+                let grpc = node.grpc_addr().expect("cluster nodes serve gRPC");
+                format!("{}?grpc={grpc}", node.uri(name))
+            })
+            .collect()
     }
 }

@@ -328,6 +328,16 @@ impl DaemonProc {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Returns the daemon's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     /// `GET /metrics` from the metrics listener.
     pub fn metrics_text(&self) -> Result<String> {
         let addr = self

@@ -281,6 +281,11 @@ impl Node {
         self.proc.metrics_text()
     }
 
+    /// Returns the daemon's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.proc.peak_rss()
+    }
+
     /// Sets the injected faults of `volume` with `nbdraid node fault VOLUME
     /// FLAGS --node GRPC` (e.g. `&["--fail-writes"]`, `&["--hang"]`,
     /// `&["--clear"]`; each call replaces the volume's faults). Needs the
