@@ -61,7 +61,7 @@ impl Sampler {
             let (stop, worst) = (stop.clone(), worst.clone());
             std::thread::spawn(move || {
                 let max = |key: String, v: f64| {
-                    let mut w = worst.lock().unwrap();
+                    let mut w = worst.lock().unwrap_or_else(|e| e.into_inner());
                     let e = w.entry(key).or_insert(0.0);
                     *e = e.max(v);
                 };
@@ -108,7 +108,7 @@ impl Sampler {
     fn stop(self) -> Worst {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("sampler");
-        let worst = self.worst.lock().unwrap().clone();
+        let worst = self.worst.lock().unwrap_or_else(|e| e.into_inner()).clone();
         eprintln!("worst samples: {worst:#?}");
         worst
     }
