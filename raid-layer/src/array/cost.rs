@@ -14,7 +14,7 @@
 //! - WRITE: every writable location of each piece (RAID 0/1/10); for RAID
 //!   5/6, every writable member of each touched stripe, a read and a write
 //!   over the changed range (this covers read-modify-write,
-//!   reconstruct-write and the degraded plan).
+//!   reconstruct-write and the degraded plan); a full stripe only writes.
 //! - FLUSH, TRIM, WRITE_ZEROES: every writable member; RAID 5/6 zeroes of
 //!   partial stripes as writes of two stripes.
 //!
@@ -101,6 +101,23 @@ pub fn own_cost_model(layer: &str, level: Level, n: u64, chunk: u64) -> CostMode
         .with_op(OpKind::Read, read)
         .with_op(OpKind::Write, write)
         .with_op(OpKind::WriteZeroes, zeroes)
+}
+
+/// The array's own units for one request: `model` (its published own
+/// model) with the edge allowance cut to the request. A partial stripe's
+/// column, parity and old data are never wider than the bytes the request
+/// touches in it (a member's block widening is the model's base allowance
+/// already), so small requests are not charged whole chunks. Never above
+/// `model.cost(op, len)`.
+pub fn own_cost(model: &CostModel, level: Level, n: u64, chunk: u64, op: OpKind, len: u64) -> u64 {
+    let full = model.cost(op, len);
+    if level.redundancy().is_none() || !matches!(op, OpKind::Read | OpKind::Write) {
+        return full;
+    }
+    let per = 2 * (n + 3);
+    let width = len.min(chunk);
+    full.saturating_sub(per.saturating_mul(chunk))
+        .saturating_add(per.saturating_mul(width))
 }
 
 impl ArrayInner {
@@ -300,5 +317,39 @@ impl ArrayInner {
             out = out.with_op(op, own.op(op).plus(extra));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cost_cuts_the_edge_allowance_to_small_requests() {
+        let chunk = 64 << 10;
+        let model = own_cost_model("t", Level::Raid5, 4, chunk);
+        let mut len = 1u64;
+        while len <= 64 << 20 {
+            for op in [OpKind::Read, OpKind::Write, OpKind::Flush] {
+                let c = own_cost(&model, Level::Raid5, 4, chunk, op, len);
+                assert!(c <= model.cost(op, len), "{op:?} {len}");
+                assert!(
+                    c >= len.min(1 << 30) || op == OpKind::Flush,
+                    "{op:?} {len}: {c}"
+                );
+            }
+            len = len * 3 + 1;
+        }
+        let small = own_cost(&model, Level::Raid5, 4, chunk, OpKind::Write, 4096);
+        assert!(
+            small * 8 < model.cost(OpKind::Write, 4096),
+            "a 4 KiB write is charged {small}, the model {}",
+            model.cost(OpKind::Write, 4096)
+        );
+        let raid1 = own_cost_model("t", Level::Raid1, 2, chunk);
+        assert_eq!(
+            own_cost(&raid1, Level::Raid1, 2, chunk, OpKind::Write, 4096),
+            raid1.cost(OpKind::Write, 4096)
+        );
     }
 }

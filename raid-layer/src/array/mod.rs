@@ -442,7 +442,15 @@ impl BlockDevice for Array {
     }
 
     fn cost(&self, op: OpKind, len: u64) -> u64 {
-        self.inner.model.cost(op, len)
+        let inner = &self.inner;
+        cost::own_cost(
+            &inner.model.load(),
+            inner.layout.level(),
+            inner.members.len() as u64,
+            inner.layout.chunk(),
+            op,
+            len,
+        )
     }
 
     fn reserve(
