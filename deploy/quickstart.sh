@@ -84,7 +84,9 @@ for i in 0 1 2 3; do
         >"$data/node$i.log" 2>&1 9>&- &
     pids+=($!)
     wait_ready "$dir/ready.json" $! "node$i"
-    members+=("\"nbd://$(addr "$dir/ready.json" nbd)/m\"")
+    # ?grpc= names the node's control plane: the array leases a grant
+    # there and follows the node's cost model (stacked throttling).
+    members+=("\"nbd://$(addr "$dir/ready.json" nbd)/m?grpc=$(addr "$dir/ready.json" grpc)\"")
 done
 
 mkdir -p "$data/array"
@@ -118,6 +120,7 @@ nbdraid is serving: RAID 5 array "r5" over 4 nodes (data and logs in $data)
   kernel:    nbd-client -N r5 ${nbd%:*} ${nbd##*:} /dev/nbd0            (needs the nbd module)
   qemu:      qemu-img info nbd://$nbd/r5
   check:     $bin/nbdraid array check r5 --array $grpc
+  throttle:  $bin/nbdraid throttle show --array $grpc
   metrics:   curl http://$metrics/metrics
 Ctrl-C stops everything (in-flight requests finish first; the array is marked clean).
 MSG

@@ -228,6 +228,31 @@ fn a_second_quick_start_refuses_at_once_and_harms_nothing() {
         })
         .expect("an nbd:// URI in the quick start's output");
     run_ok(tool("nbdinfo").args(["--size", &uri]), hang(60));
+    // The array follows its nodes' throttles: a lease held at every member
+    // (foreground and background) and their models followed.
+    let grpc = serde_json::from_str::<serde_json::Value>(&before).expect("ready JSON")["grpc"]
+        .as_str()
+        .expect("the array's gRPC address")
+        .to_string();
+    wait_for(
+        "the quick start's array leases at its nodes",
+        hang(60),
+        || {
+            let out = run(
+                Command::new(cli_binary()).args(["throttle", "show", "--array", &grpc, "--json"]),
+                hang(60),
+            )
+            .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let members = v["members"].as_array()?;
+            (members.len() == 8
+                && members
+                    .iter()
+                    .all(|m| m["lease_held"] == true && m["model_live"] == true))
+            .then_some(())
+        },
+    )
+    .expect("leases");
 
     let second = run(&mut start(), hang(60)).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(

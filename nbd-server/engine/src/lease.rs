@@ -141,7 +141,10 @@ async fn run(grpc: String, config: LeaseConfig, shared: Arc<Shared>, stop: Cance
             o = hold_once(&grpc, &config, &shared) => o,
             _ = stop.cancelled() => return,
         };
-        shared.held.store(false, Ordering::Release);
+        if shared.held.swap(false, Ordering::AcqRel) {
+            // It was held this time: a new loss is worth a warning again.
+            logged_loss = false;
+        }
         shared.granted.store(0, Ordering::Release);
         if let Err(e) = outcome
             && !logged_loss

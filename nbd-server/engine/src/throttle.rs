@@ -165,7 +165,9 @@ pub struct ThrottleConfig {
     /// Memory budget for request buffers, in bytes (`256M`).
     pub capacity: ByteSize,
     /// Part of the capacity reserved for background traffic (rebuild,
-    /// resync, scrub); default a quarter, at least the largest request.
+    /// resync, scrub); default a quarter, at least two largest requests
+    /// (its own and one upstream's background grant) where the foreground
+    /// pool keeps one.
     pub background_reserve: Option<ByteSize>,
     /// Seconds a grant's lease lives without a renewal.
     pub lease_ttl_secs: u64,
@@ -189,9 +191,17 @@ impl ThrottleConfig {
     /// the largest request the layer accepts (every share holds at least one).
     pub fn settings(&self, largest_request: u64) -> ThrottleSettings {
         let capacity = self.capacity.0;
+        // By default a quarter of the capacity, and room for the pool's own
+        // largest request plus one background grant to an upstream (at
+        // least one largest request), as far as the foreground pool keeps
+        // one largest request too.
         let background_reserve = match self.background_reserve {
             Some(b) => b.0,
-            None => (capacity / 4).max(largest_request),
+            None => (capacity / 4).max(
+                largest_request
+                    .saturating_mul(2)
+                    .min(capacity.saturating_sub(largest_request)),
+            ),
         };
         ThrottleSettings {
             capacity,
@@ -700,6 +710,29 @@ mod tests {
         drop(fg1);
         fg3.await.unwrap().unwrap();
         drop(bg);
+    }
+
+    #[test]
+    fn default_background_pool_can_grant_an_upstream() {
+        // A node's defaults: 256 MiB, 32 MiB payloads. The background pool
+        // used to hold exactly one largest request, so no upstream could
+        // ever get a background grant (found with the quick start).
+        let largest = (32 << 20) + 512;
+        let config = ThrottleConfig {
+            capacity: ByteSize(256 << 20),
+            ..ThrottleConfig::default()
+        };
+        let t = Throttle::new("test", config.settings(largest)).unwrap();
+        let (_, granted) = t.add_share("array", 16 << 20, BACKGROUND).unwrap();
+        assert_eq!(granted, largest);
+        // The smallest valid capacities keep passing the check.
+        for capacity in [2 * largest, 3 * largest, 5 * largest] {
+            let config = ThrottleConfig {
+                capacity: ByteSize(capacity),
+                ..ThrottleConfig::default()
+            };
+            config.settings(largest).check().unwrap();
+        }
     }
 
     #[tokio::test]
