@@ -903,6 +903,14 @@ pub fn describe_metrics() {
         "Highest units this array's requests held at once at the member, per class."
     );
     describe_gauge!(
+        "nbdraid_array_member_model_live",
+        "1 while the array follows the member's published cost model, 0 while it charges the conservative default (no ?grpc=, or its control plane unreachable)."
+    );
+    describe_gauge!(
+        "nbdraid_array_member_lease_held",
+        "1 while the member grants this array a share, per class; 0 while the array accounts against the grant it asked for."
+    );
+    describe_gauge!(
         "nbdraid_array_grant_waits",
         "Foreground requests that waited for member grants."
     );
@@ -957,6 +965,19 @@ fn register_metrics(entry: &Arc<Entry>) {
             .collect()
         };
     let (fg_gauges, bg_gauges) = (grant_gauges("foreground"), grant_gauges("background"));
+    let link_gauges: Vec<(metrics::Gauge, metrics::Gauge, metrics::Gauge)> = entry
+        .inner()
+        .members
+        .iter()
+        .map(|m| {
+            let slot = m.slot.to_string();
+            (
+                metrics::gauge!("nbdraid_array_member_model_live", "array" => name.clone(), "slot" => slot.clone()),
+                metrics::gauge!("nbdraid_array_member_lease_held", "array" => name.clone(), "slot" => slot.clone(), "class" => "foreground"),
+                metrics::gauge!("nbdraid_array_member_lease_held", "array" => name.clone(), "slot" => slot, "class" => "background"),
+            )
+        })
+        .collect();
     let grant_waits = metrics::gauge!("nbdraid_array_grant_waits", "array" => name.clone());
     let grant_wait_seconds =
         metrics::gauge!("nbdraid_array_grant_wait_seconds", "array" => name.clone());
@@ -1001,6 +1022,12 @@ fn register_metrics(entry: &Arc<Entry>) {
                 h.set(held as f64);
                 p.set(peak as f64);
             }
+        }
+        for (links, (live, fg, bg)) in e.links.iter().zip(&link_gauges) {
+            let flag = |b: bool| if b { 1.0 } else { 0.0 };
+            live.set(flag(links.model.as_ref().is_some_and(ModelWatch::is_live)));
+            fg.set(flag(links.fg.as_ref().is_some_and(Lease::held)));
+            bg.set(flag(links.bg.as_ref().is_some_and(Lease::held)));
         }
         grant_waits.set(inner.grants.waits.load(Ordering::Relaxed) as f64);
         grant_wait_seconds.set(inner.grants.wait_us.load(Ordering::Relaxed) as f64 / 1e6);

@@ -293,6 +293,32 @@ fn a_failed_member_raises_the_published_cost() {
     })
     .expect("a higher read cost");
     eprintln!("read per byte (16.16): healthy {healthy}, degraded {degraded}");
+    // The metrics say the same: the published model, and that member 1's
+    // model and lease are lost (it is charged the default) while the
+    // others' are held.
+    let metrics = array.ready().metrics.expect("array metrics");
+    wait_for("the metrics follow", hang(30), || {
+        let text = http_get(metrics, "/metrics").ok()?;
+        let per_byte = samples(&text, "nbdraid_throttle_model_per_byte_units")
+            .into_iter()
+            .find(|(l, _)| label(l, "op") == Some("read"))?
+            .1;
+        let flag = |metric: &str, slot: &str| {
+            samples(&text, metric)
+                .into_iter()
+                .find(|(l, _)| {
+                    label(l, "slot") == Some(slot) && label(l, "class") != Some("background")
+                })
+                .map(|(_, v)| v)
+        };
+        let ok = (per_byte * 65536.0).round() as u64 == degraded
+            && flag("nbdraid_array_member_model_live", "1")? == 0.0
+            && flag("nbdraid_array_member_lease_held", "1")? == 0.0
+            && flag("nbdraid_array_member_model_live", "0")? == 1.0
+            && flag("nbdraid_array_member_lease_held", "2")? == 1.0;
+        ok.then_some(())
+    })
+    .expect("model and link gauges");
     let _ = array.kill9();
 }
 

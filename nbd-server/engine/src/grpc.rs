@@ -74,6 +74,7 @@ impl ThrottleService {
         max_payload: u64,
         lease_ttl: Duration,
     ) -> Self {
+        crate::metrics::publish_model(model.clone());
         Self {
             throttle,
             upstreams,

@@ -300,7 +300,10 @@ async fn watch_model(
             r = follow(&grpc, &tx, &live) => r,
             _ = stop.cancelled() => return,
         };
-        live.store(false, Ordering::Release);
+        if live.swap(false, Ordering::AcqRel) {
+            // It was followed this time: losing it again is worth a warning.
+            warned = false;
+        }
         tx.send_replace(fallback.clone());
         if let Err(e) = result
             && !warned

@@ -213,6 +213,14 @@ pub fn describe() {
         "Time requests of an export waited for throttle units."
     );
     describe_gauge!(
+        "nbdraid_throttle_model_base_units",
+        "The layer's published cost model: units every request of the operation costs, per layer and op (a stacked layer's includes its members)."
+    );
+    describe_gauge!(
+        "nbdraid_throttle_model_per_byte_units",
+        "The layer's published cost model: units per byte of the request, per layer and op."
+    );
+    describe_gauge!(
         "nbdraid_throttle_available_units",
         "Throttle units (bytes of buffer memory) not in use, per layer."
     );
@@ -249,6 +257,35 @@ static RENDER_HOOKS: Mutex<Vec<RenderHook>> = Mutex::new(Vec::new());
 /// is then dropped.
 pub fn on_render(hook: impl Fn() -> bool + Send + Sync + 'static) {
     lock_hooks().push(Box::new(hook));
+}
+
+/// Publishes the cost model a layer serves as gauges, per operation
+/// (`nbdraid_throttle_model_base_units`, `..._per_byte_units`), read at
+/// every render, so a composed model's changes (a member failed) show.
+pub fn publish_model(model: crate::cost::SharedCostModel) {
+    let layer = model.load().layer().to_string();
+    let gauges: Vec<_> = crate::device::OpKind::ALL
+        .into_iter()
+        .map(|op| {
+            let g = |name: &'static str| {
+                metrics::gauge!(name, "layer" => layer.clone(), "op" => op.name())
+            };
+            (
+                op,
+                g("nbdraid_throttle_model_base_units"),
+                g("nbdraid_throttle_model_per_byte_units"),
+            )
+        })
+        .collect();
+    on_render(move || {
+        let m = model.load();
+        for (op, base, per_byte) in &gauges {
+            let c = m.op(*op);
+            base.set(c.base as f64);
+            per_byte.set(c.per_byte as f64 / crate::cost::PER_BYTE_ONE as f64);
+        }
+        true
+    });
 }
 
 fn lock_hooks() -> std::sync::MutexGuard<'static, Vec<RenderHook>> {
