@@ -235,11 +235,16 @@ class Nbdraid(Server):
 
     def __init__(self, name, ctx, extra):
         super().__init__(name, ctx)
+        # A variant's first word `@PATH` names another nbdraid-node binary
+        # (an older build, to compare versions side by side).
+        self.bin = ctx.node_bin
+        if extra and extra[0].startswith("@"):
+            self.bin, extra = extra[0][1:], extra[1:]
         self.extra = extra
 
     def _start(self):
         ready = os.path.join(self.ctx.workdir, "node.ready")
-        cmd = self.pin() + [self.ctx.node_bin, "--listen", "127.0.0.1:0",
+        cmd = self.pin() + [self.bin, "--listen", "127.0.0.1:0",
                             "--data-dir", self.ctx.data_dir,
                             "--volume", f"{EXPORT}:{self.ctx.size_spec}",
                             "--ready-file", ready] + self.ctx.node_args + self.extra
@@ -574,7 +579,8 @@ def parse_args(argv):
                    help="comma list of nbdraid, nbdraid:VARIANT, nbd-server, nbdkit, qemu-nbd "
                         "(default: %(default)s)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME='ARGS'",
-                   help="defines nbdraid:NAME, nbdraid-node with these extra arguments")
+                   help="defines nbdraid:NAME, nbdraid-node with these extra arguments; "
+                        "a first word @PATH runs that nbdraid-node binary instead")
     p.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every nbdraid-node (use --node-arg=--flag)")
     p.add_argument("--node-bin", default=None, help="nbdraid-node binary (peers.sh sets it)")

@@ -106,6 +106,11 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
     }
+    // memcmp first: a byte loop is ~50x slower in the tests' debug build
+    // (it made comparing 1 GiB take seconds).
+    if a == b {
+        return None;
+    }
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
