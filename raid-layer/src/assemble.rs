@@ -178,6 +178,7 @@ pub async fn assemble(
             auth.roles.get(slot).map(|r| r.state),
             Some(superblock::MemberState::Faulty { .. })
         );
+        let mut recovered = 0;
         let (state, keep) = match (&probe.error, &probe.read, &report.status) {
             (Some(e), _, _) => {
                 notes.warnings.push(format!("member {slot} ({uri}): {e}"));
@@ -201,7 +202,10 @@ pub async fn assemble(
                 }
                 (MemberState::Active, true)
             }
-            (_, _, MemberStatus::Recovering { .. }) => (MemberState::Recovering, true),
+            (_, _, MemberStatus::Recovering { done }) => {
+                recovered = *done;
+                (MemberState::Recovering, true)
+            }
             (_, _, MemberStatus::Stale { .. }) => {
                 notes.warnings.push(report.to_string());
                 (MemberState::Faulty, true)
@@ -216,26 +220,14 @@ pub async fn assemble(
         }
         slots.push(probe.read.as_ref().and_then(SbRead::slot));
         let client = if keep { probe.client } else { None };
-        members.push(Member::new(slot, uri, auth.data_offset, client, state));
+        let member = Member::new(slot, uri, auth.data_offset, client, state);
+        member.set_recovered(recovered);
+        members.push(member);
     }
     for w in &notes.warnings {
         tracing::warn!(array = %name, "{w}");
     }
     let level = auth.level;
-    let degraded = members.iter().any(|m| !m.readable());
-    if !clean && degraded && matches!(level, Level::Raid5 | Level::Raid6) && !spec.force {
-        return Err(AdminError::Refused(format!(
-            "array {name:?} ({level}) is dirty (it was not shut down cleanly) and degraded (members {:?} are not in sync): \
-             parity of stripes being written at the crash may be wrong, and a missing member's data would be \
-             rebuilt from it (the RAID 5/6 write hole). Bring the missing members back, or start it with \
-             --force-assemble {name} to accept that risk",
-            members
-                .iter()
-                .filter(|m| !m.readable())
-                .map(|m| m.slot)
-                .collect::<Vec<_>>()
-        )));
-    }
     let geometry = auth.geometry();
     let layout = Layout::new(geometry)
         .map_err(|e| AdminError::Invalid(format!("array {name:?}: superblock geometry: {e}")))?;
@@ -257,6 +249,44 @@ pub async fn assemble(
                 tracing::warn!(array = %name, member = m.slot, error = %e, "cannot read the bitmap")
             }
         }
+    }
+    // Dirty and degraded: stripes written at the crash may have torn
+    // parity, and where a member is out of sync its data would be rebuilt
+    // from it (the RAID 5/6 write hole). Only dirty regions where some
+    // member is out of sync are at risk: below a rebuild's frontier every
+    // member is in sync, so a crash during a rebuild with no write beyond
+    // the frontier starts without being forced.
+    let in_sync_below = members
+        .iter()
+        .map(|m| match m.state() {
+            MemberState::Active => u64::MAX,
+            MemberState::Recovering => m.recovered(),
+            MemberState::Faulty | MemberState::Missing => 0,
+        })
+        .min()
+        .unwrap_or(u64::MAX);
+    let region = bitmap_geometry.region.max(1);
+    let at_risk: Vec<u64> = if clean {
+        Vec::new()
+    } else {
+        bitmap
+            .dirty_regions()
+            .filter(|r| r.saturating_add(1).saturating_mul(region) > in_sync_below)
+            .collect()
+    };
+    if !at_risk.is_empty() && matches!(level, Level::Raid5 | Level::Raid6) && !spec.force {
+        return Err(AdminError::Refused(format!(
+            "array {name:?} ({level}) is dirty (it was not shut down cleanly) and degraded (members {:?} are not in sync \
+             in {} of its dirty regions): parity of stripes being written at the crash may be wrong, and a missing \
+             member's data would be rebuilt from it (the RAID 5/6 write hole). Bring the missing members back, or \
+             start it with --force-assemble {name} to accept that risk",
+            members
+                .iter()
+                .filter(|m| !m.readable())
+                .map(|m| m.slot)
+                .collect::<Vec<_>>(),
+            at_risk.len()
+        )));
     }
     if !clean {
         notes.resync_regions = bitmap.resync_dirty();

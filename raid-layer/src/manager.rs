@@ -394,6 +394,14 @@ impl Manager {
         let entries: Vec<Arc<Entry>> = lock(&self.arrays).values().cloned().collect();
         for e in entries {
             let inner = e.inner();
+            // A rebuild resumes where it stopped.
+            for m in inner
+                .members
+                .iter()
+                .filter(|m| m.state() == MemberState::Recovering)
+            {
+                record_frontier(inner, m).await;
+            }
             if inner.meta.mark_clean_if_idle(inner, Duration::ZERO).await {
                 tracing::info!(array = %inner.name, "array marked clean");
             } else if !inner.meta.is_clean() {
@@ -489,12 +497,13 @@ impl Manager {
         if notes.resync_regions > 0 {
             self.spawn_resync(&entry);
         }
-        // A recovery the daemon was stopped in resumes from the bitmap
-        // (never cleared while a member is out of sync).
+        // A recovery the daemon was stopped in resumes from its last
+        // recorded frontier (what it had done before that is in sync, and
+        // stays so: writes go to a recovering member).
         for m in &entry.inner().members {
             if m.state() == MemberState::Recovering {
-                tracing::info!(array = %spec.name, member = m.slot, "resuming the recovery of a member");
-                self.spawn_recovery(&entry, m.slot);
+                tracing::info!(array = %spec.name, member = m.slot, from = m.recovered(), "resuming the recovery of a member");
+                self.spawn_recovery(&entry, m.slot, Recovery::From(m.recovered()));
             }
         }
         self.spawn_housekeeping(&entry);
@@ -703,14 +712,9 @@ impl Manager {
         if let Some(old) = member.set_client(Some(Arc::new(client))) {
             old.close(Duration::from_millis(10)).await;
         }
+        member.set_recovered(0);
         member.set_state(MemberState::Recovering);
         inner.update_failed();
-        if !covered && let Err(err) = inner.meta.mark_all_dirty(&inner).await {
-            member.set_state(MemberState::Faulty);
-            return Err(AdminError::Internal(format!(
-                "array {name:?}: cannot mark the bitmap for a full recovery of member {slot}: {err}"
-            )));
-        }
         if let Err(err) = inner.meta.record_recovering(&inner, slot, 0).await {
             member.set_state(MemberState::Faulty);
             return Err(AdminError::Internal(format!(
@@ -724,14 +728,19 @@ impl Manager {
             full = !covered,
             "member re-added; recovering"
         );
-        self.spawn_recovery(e, slot);
+        self.spawn_recovery(e, slot, if covered { Recovery::Dirty } else { Recovery::From(0) });
         Ok(())
     }
 
-    /// Recovers member `slot` (recovering: written, not read) from the
-    /// bitmap's dirty regions, in the background, and records it active
-    /// when done. Also what resumes a recovery the daemon was stopped in.
-    fn spawn_recovery(&self, e: &Arc<Entry>, slot: usize) {
+    /// Recovers member `slot` (recovering: written, not read) in the
+    /// background, and records it active when done: the bitmap's dirty
+    /// regions ([`Recovery::Dirty`], a re-add the bitmap covers) or every
+    /// region from an offset ([`Recovery::From`], a full rebuild or one
+    /// resumed). Regions go in ascending order; the member's frontier
+    /// follows them, is recorded in the superblocks every
+    /// [`FRONTIER_INTERVAL`] (after a flush of the member, so what it
+    /// claims is durable), and lets the bitmap sweep clear regions below it.
+    fn spawn_recovery(&self, e: &Arc<Entry>, slot: usize, plan: Recovery) {
         let inner = e.inner().clone();
         let Some(member) = inner.members.get(slot).cloned() else {
             return;
@@ -744,11 +753,15 @@ impl Manager {
             recovering.push(slot);
         }
         let region = inner.meta.bitmap().map_or(1 << 20, |b| b.geometry().region);
-        let regions: Vec<u64> = inner
-            .meta
-            .bitmap()
-            .map(|b| b.dirty_regions().collect())
-            .unwrap_or_else(|| (0..inner.layout.member_data_size().div_ceil(region)).collect());
+        let size = inner.layout.member_data_size();
+        let regions: Vec<u64> = match plan {
+            Recovery::From(from) => (from / region..size.div_ceil(region)).collect(),
+            Recovery::Dirty => inner
+                .meta
+                .bitmap()
+                .map(|b| b.dirty_regions().collect())
+                .unwrap_or_else(|| (0..size.div_ceil(region)).collect()),
+        };
         let tally = Tally::new("recovery", regions.len() as u64 * region);
         *lock(&e.sync) = Some(tally.clone());
         let entry = e.clone();
@@ -756,6 +769,7 @@ impl Manager {
         tokio::spawn(async move {
             let mut pacer = Pacer::new(rate);
             let mut ok = true;
+            let mut recorded = Instant::now();
             for r in regions {
                 if entry.stop.is_cancelled() || member.state() != MemberState::Recovering {
                     ok = false;
@@ -770,23 +784,42 @@ impl Manager {
                     ok = false;
                     break;
                 }
+                member.set_recovered(((r + 1) * region).min(size));
+                if recorded.elapsed() >= FRONTIER_INTERVAL {
+                    recorded = Instant::now();
+                    record_frontier(&inner, &member).await;
+                }
             }
             lock(&entry.recovering).retain(|s| *s != slot);
             if ok && member.state() == MemberState::Recovering {
+                // What was rebuilt must be durable before the superblocks
+                // say the member is in sync.
+                if let Err(err) = member.flush().await {
+                    tracing::error!(array = %inner.name, member = slot, error = %err, "cannot flush the rebuilt member");
+                    inner.handle(&err).await;
+                    lock(&entry.readd_backoff).insert(slot, Instant::now());
+                    return;
+                }
+                member.set_recovered(size);
                 member.set_state(MemberState::Active);
                 if let Err(err) = inner.meta.record_active(&inner, slot).await {
                     tracing::error!(array = %inner.name, member = slot, error = %err, "cannot record the member in sync");
                 }
+                inner.update_failed();
                 tally.finished.store(true, Ordering::Release);
                 tracing::info!(
                     array = %inner.name,
                     member = slot,
                     copied = tally.written.load(Ordering::Relaxed),
-                    member_size = inner.layout.member_data_size(),
+                    member_size = size,
                     secs = tally.started.elapsed().as_secs_f64(),
                     "recovery finished: member in sync"
                 );
             } else {
+                if member.state() == MemberState::Recovering {
+                    // Stopped (shutdown): keep the frontier for the next start.
+                    record_frontier(&inner, &member).await;
+                }
                 lock(&entry.readd_backoff).insert(slot, Instant::now());
             }
         });
@@ -856,6 +889,36 @@ impl Manager {
             check,
             export: inner.name.clone(),
         })
+    }
+}
+
+/// What a recovery covers.
+#[derive(Debug, Clone, Copy)]
+enum Recovery {
+    /// The bitmap's dirty regions: a member back after a failure the bitmap
+    /// covers.
+    Dirty,
+    /// Every region from this member data offset: a full rebuild, or one
+    /// resumed after a restart.
+    From(u64),
+}
+
+/// How often a rebuild's frontier is recorded in the superblocks: what a
+/// restart redoes is at most this much of the rebuild.
+const FRONTIER_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Records `member`'s rebuild frontier in the superblocks, after flushing
+/// the member so that everything below it is durable there.
+async fn record_frontier(inner: &ArrayInner, member: &crate::member::Member) {
+    let done = member.recovered();
+    if let Err(err) = member.flush().await {
+        tracing::warn!(array = %inner.name, member = member.slot, error = %err, "cannot flush the member being rebuilt");
+        return;
+    }
+    if let Err(err) = inner.meta.record_recovering(inner, member.slot, done).await {
+        tracing::warn!(array = %inner.name, member = member.slot, error = %err, "cannot record the rebuild's progress");
+    } else {
+        tracing::debug!(array = %inner.name, member = member.slot, done, "rebuild progress recorded");
     }
 }
 

@@ -175,6 +175,8 @@ pub struct Member {
     model: ArcSwap<CostModel>,
     state: AtomicU8,
     outstanding: AtomicUsize,
+    /// The rebuild frontier of a recovering member (member data offset).
+    recovered: AtomicU64,
     /// Member blocks being read-modify-written for an unaligned write.
     partial_blocks: Arc<crate::array::KeyLocks>,
     /// Operation counters.
@@ -237,6 +239,7 @@ impl Member {
             model: ArcSwap::from_pointee(fallback_model()),
             state: AtomicU8::new(state as u8),
             outstanding: AtomicUsize::new(0),
+            recovered: AtomicU64::new(0),
             partial_blocks: crate::array::KeyLocks::new(),
             stats: MemberStats::default(),
         })
@@ -251,6 +254,17 @@ impl Member {
     /// where that matters).
     pub fn set_state(&self, s: MemberState) {
         self.state.store(s as u8, Ordering::Release);
+    }
+
+    /// Returns the member data offset below which a `Recovering` member is
+    /// in sync (its rebuild's frontier; meaningless in other states).
+    pub fn recovered(&self) -> u64 {
+        self.recovered.load(Ordering::Acquire)
+    }
+
+    /// Moves the rebuild frontier (see [`Member::recovered`]).
+    pub fn set_recovered(&self, offset: u64) {
+        self.recovered.store(offset, Ordering::Release);
     }
 
     /// Reports whether reads may go to this member.

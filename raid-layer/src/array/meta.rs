@@ -209,19 +209,6 @@ impl ArrayMeta {
         Ok(intent)
     }
 
-    /// Marks every bitmap region dirty and makes that durable on every live
-    /// member: a member about to be recovered in full is then recovered
-    /// from the bitmap, and a restart in the middle finds the regions it
-    /// still misses (bits are never cleared while a member is out of sync).
-    pub async fn mark_all_dirty(&self, array: &ArrayInner) -> Result<(), IoError> {
-        let Some(p) = &self.persisted else {
-            return Ok(());
-        };
-        p.bitmap.mark_all();
-        p.bitmap.persist_all(&Persist(array)).await?;
-        Ok(())
-    }
-
     /// Reports whether the row at member offset `row` still awaits resync
     /// (writes there must not trust parity: reconstruct-write only).
     pub fn resync_pending(&self, row: u64) -> bool {
@@ -329,15 +316,21 @@ impl ArrayMeta {
         true
     }
 
-    /// Clears idle bitmap regions (never while degraded) and writes the
-    /// pages, after a flush of every member.
+    /// Clears idle bitmap regions where every member is in sync (none while
+    /// a member is failed; below the frontier while one is rebuilt) and
+    /// writes the pages, after a flush of every member.
     pub async fn sweep_bitmap(&self, array: &ArrayInner, idle: Duration) {
         let Some(p) = &self.persisted else {
             return;
         };
+        let region = p.bitmap.geometry().region.max(1);
+        let clear_below = match array.in_sync_below() {
+            u64::MAX => u64::MAX,
+            offset => offset / region,
+        };
         let mut batch = p
             .bitmap
-            .sweep(tokio::time::Instant::now(), idle, array.is_degraded());
+            .sweep(tokio::time::Instant::now(), idle, clear_below);
         if batch.is_empty() {
             return;
         }

@@ -219,6 +219,21 @@ impl ArrayInner {
         self.members.iter().any(|m| !m.readable())
     }
 
+    /// Returns the member data offset below which every member is in sync:
+    /// 0 while one is failed or missing, the lowest rebuild frontier while
+    /// members are recovering, `u64::MAX` when all are active.
+    pub fn in_sync_below(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|m| match m.state() {
+                MemberState::Active => u64::MAX,
+                MemberState::Recovering => m.recovered(),
+                MemberState::Faulty | MemberState::Missing => 0,
+            })
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     /// Recomputes whether the array can still serve every byte, and tells
     /// watchers that a member's state changed.
     pub(crate) fn update_failed(&self) {

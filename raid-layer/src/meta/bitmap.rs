@@ -360,14 +360,19 @@ impl<E> Bitmap<E> {
     /// nothing while `degraded`. Pages being written are skipped until
     /// the next sweep. See the module doc for why the batch must be held
     /// until its pages are written.
-    pub fn sweep(&self, now: Instant, idle: Duration, degraded: bool) -> SweepBatch<E> {
+    ///
+    /// Only regions below `clear_below` (a region index) are cleared: the
+    /// regions where every member is in sync (0 while a member is failed
+    /// or missing, a recovering member's frontier while it is rebuilt,
+    /// `u64::MAX` when all are in sync).
+    pub fn sweep(&self, now: Instant, idle: Duration, clear_below: u64) -> SweepBatch<E> {
         let mut batch = SweepBatch {
             pages: Arc::clone(&self.pages),
             writes: Vec::new(),
             claimed: Vec::new(),
             cleared: 0,
         };
-        if degraded || self.set_bits() == 0 {
+        if clear_below == 0 || self.set_bits() == 0 {
             return batch;
         }
         let regions = &self.regions;
@@ -380,7 +385,10 @@ impl<E> Bitmap<E> {
             }
             let first = p as u64 * BITS_PER_PAGE;
             let mut cleared = 0;
-            for r in first..(first + BITS_PER_PAGE).min(self.geometry.bits) {
+            for r in first..(first + BITS_PER_PAGE)
+                .min(self.geometry.bits)
+                .min(clear_below)
+            {
                 let word = regions.word(r);
                 let w = word.load(Ordering::Acquire);
                 if w & SET == 0 || w & (PENDING | RESYNC) != 0 {

@@ -531,14 +531,18 @@ async fn sweep_clears_only_idle_regions_and_never_while_degraded() {
     drop(b.start_write(3..=3, &*disk).await.unwrap());
 
     assert!(
-        b.sweep(Instant::now(), IDLE, false).is_empty(),
+        b.sweep(Instant::now(), IDLE, u64::MAX).is_empty(),
         "too recent"
     );
     advance(Duration::from_secs(2)).await;
-    assert!(b.sweep(Instant::now(), IDLE, true).is_empty(), "degraded");
+    assert!(b.sweep(Instant::now(), IDLE, 0).is_empty(), "degraded");
+    assert!(
+        b.sweep(Instant::now(), IDLE, 2).is_empty(),
+        "region 2 is at a rebuild's frontier, not below it"
+    );
     assert_eq!(b.set_bits(), 3);
 
-    let mut batch = b.sweep(Instant::now(), IDLE, false);
+    let mut batch = b.sweep(Instant::now(), IDLE, u64::MAX);
     assert_eq!(batch.cleared(), 1);
     assert!(!b.is_set(2) && b.is_set(1) && b.is_set(3));
     assert!(!b.is_durable(2));
@@ -551,17 +555,17 @@ async fn sweep_clears_only_idle_regions_and_never_while_degraded() {
 
     // The pending write keeps its bit however long it takes.
     advance(Duration::from_secs(60)).await;
-    let batch = b.sweep(Instant::now(), IDLE, false);
+    let batch = b.sweep(Instant::now(), IDLE, u64::MAX);
     assert_eq!(batch.cleared(), 1);
     drop(batch);
     assert!(b.is_set(1) && !b.is_set(3));
     drop(held);
     assert!(
-        b.sweep(Instant::now(), IDLE, false).is_empty(),
+        b.sweep(Instant::now(), IDLE, u64::MAX).is_empty(),
         "just ended"
     );
     advance(IDLE).await;
-    assert_eq!(b.sweep(Instant::now(), IDLE, false).cleared(), 1);
+    assert_eq!(b.sweep(Instant::now(), IDLE, u64::MAX).cleared(), 1);
     assert_eq!(b.set_bits(), 0);
 }
 
@@ -576,7 +580,7 @@ async fn a_write_racing_a_sweep_lands_after_the_swept_page() {
 
     // sweep() clears 4 and 5; before the array writes the page, a write
     // to region 4 starts.
-    let mut batch = b.sweep(Instant::now(), IDLE, false);
+    let mut batch = b.sweep(Instant::now(), IDLE, u64::MAX);
     assert_eq!(batch.cleared(), 2);
     let writer = {
         let (b, disk) = (b.clone(), disk.clone());
@@ -631,11 +635,11 @@ async fn resync_regions_keep_their_bits_until_done() {
     assert!(disk.bit(8) && disk.bit(9));
 
     advance(IDLE * 2).await;
-    assert!(b.sweep(Instant::now(), IDLE, false).is_empty());
+    assert!(b.sweep(Instant::now(), IDLE, u64::MAX).is_empty());
     assert!(resync.done(8));
     assert!(!resync.done(8));
     assert_eq!(resync.next_pending(0), Some(9));
-    let batch = b.sweep(Instant::now(), IDLE, false);
+    let batch = b.sweep(Instant::now(), IDLE, u64::MAX);
     assert_eq!(batch.cleared(), 1);
     drop(batch);
     assert!(!b.is_set(8) && b.is_set(9));
@@ -668,7 +672,7 @@ async fn writers_and_sweeps_never_leave_a_data_write_uncovered() {
         let (b, disk, stop, cleared) = (b.clone(), disk.clone(), stop.clone(), cleared.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
-                let mut batch = b.sweep(Instant::now(), Duration::ZERO, false);
+                let mut batch = b.sweep(Instant::now(), Duration::ZERO, u64::MAX);
                 cleared.fetch_add(batch.cleared() as usize, Ordering::SeqCst);
                 let pages = batch.take_pages();
                 tokio::task::yield_now().await;
