@@ -728,7 +728,21 @@ impl Manager {
             full = !covered,
             "member re-added; recovering"
         );
-        self.spawn_recovery(e, slot, if covered { Recovery::Dirty } else { Recovery::From(0) });
+        // A member that failed in the middle of its own rebuild misses,
+        // beyond its recorded frontier, everything (no bit says so).
+        let frontier = match own.roles.get(slot).map(|r| r.state) {
+            Some(superblock::MemberState::Recovering { done }) => done,
+            Some(superblock::MemberState::Spare) => 0,
+            _ => u64::MAX,
+        };
+        let plan = if !covered {
+            Recovery::From(0)
+        } else if frontier < u64::MAX {
+            Recovery::DirtyThenFrom(frontier)
+        } else {
+            Recovery::Dirty
+        };
+        self.spawn_recovery(e, slot, plan);
         Ok(())
     }
 
@@ -754,13 +768,21 @@ impl Manager {
         }
         let region = inner.meta.bitmap().map_or(1 << 20, |b| b.geometry().region);
         let size = inner.layout.member_data_size();
+        let all = size.div_ceil(region);
+        let dirty_below = |end: u64| -> Vec<u64> {
+            inner.meta.bitmap().map_or_else(
+                || (0..end).collect(),
+                |b| b.dirty_regions().filter(|r| *r < end).collect(),
+            )
+        };
         let regions: Vec<u64> = match plan {
-            Recovery::From(from) => (from / region..size.div_ceil(region)).collect(),
-            Recovery::Dirty => inner
-                .meta
-                .bitmap()
-                .map(|b| b.dirty_regions().collect())
-                .unwrap_or_else(|| (0..size.div_ceil(region)).collect()),
+            Recovery::From(from) => (from / region..all).collect(),
+            Recovery::Dirty => dirty_below(all),
+            Recovery::DirtyThenFrom(from) => {
+                let mut v = dirty_below(from / region);
+                v.extend(from / region..all);
+                v
+            }
         };
         let tally = Tally::new("recovery", regions.len() as u64 * region);
         *lock(&e.sync) = Some(tally.clone());
@@ -901,6 +923,9 @@ enum Recovery {
     /// Every region from this member data offset: a full rebuild, or one
     /// resumed after a restart.
     From(u64),
+    /// The dirty regions below this member data offset and every region
+    /// from it: a member back after failing in its own rebuild.
+    DirtyThenFrom(u64),
 }
 
 /// How often a rebuild's frontier is recorded in the superblocks: what a
