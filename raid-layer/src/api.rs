@@ -33,6 +33,9 @@ pub struct ArraySpec {
     pub force: bool,
     /// Take members that hold another array's superblock.
     pub overwrite: bool,
+    /// Hot spares: volumes that take the slot of a member that fails.
+    #[serde(default)]
+    pub spares: Vec<String>,
 }
 
 /// The state of an array as a whole.
@@ -131,6 +134,12 @@ pub struct ArrayStatus {
     pub check: Option<CheckReport>,
     /// The NBD export serving it.
     pub export: String,
+    /// Hot spares waiting for a failed member's slot.
+    #[serde(default)]
+    pub spares: Vec<String>,
+    /// Resync, rebuild and check rate limit, bytes per second (0: none).
+    #[serde(default)]
+    pub sync_rate: u64,
 }
 
 /// What a check found (so far, while it runs).
@@ -200,4 +209,28 @@ pub trait ArrayAdmin: Send + Sync + 'static {
     /// Starts a check (read every stripe, verify parity or copies) and
     /// returns at once; progress shows in status.
     fn check(&self, name: &str) -> Result<CheckReport, AdminError>;
+    /// Gives member `slot`'s place to the volume at `uri` and rebuilds it
+    /// there while the array serves.
+    fn replace(
+        &self,
+        name: &str,
+        slot: usize,
+        uri: &str,
+    ) -> BoxFuture<'_, Result<ArrayStatus, AdminError>>;
+    /// Adds a hot spare (it takes the slot of a member that fails).
+    fn add_spare(&self, name: &str, uri: &str) -> BoxFuture<'_, Result<ArrayStatus, AdminError>>;
+    /// Removes a spare, or fails a member out of the array.
+    fn remove(&self, name: &str, what: Removal) -> BoxFuture<'_, Result<ArrayStatus, AdminError>>;
+    /// Sets the resync, rebuild and check rate (bytes per second, 0: none),
+    /// in force at once for the passes running.
+    fn set_rate(&self, name: &str, rate: u64) -> Result<ArrayStatus, AdminError>;
+}
+
+/// What `remove` takes out of an array.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// A spare, by URI.
+    Spare(String),
+    /// A member, by slot: it is failed (the array goes on degraded).
+    Member(usize),
 }

@@ -144,6 +144,10 @@ pub struct ArrayConfig {
     /// written at the crash may be wrong.
     #[serde(default)]
     pub force: bool,
+    /// Hot spares: volumes that take the slot of a member that fails
+    /// (rebuilt onto while the array serves).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spares: Vec<String>,
 }
 
 impl ArrayConfig {
@@ -160,6 +164,7 @@ impl ArrayConfig {
             bitmap_region: self.bitmap_region.map(|b| b.0),
             force: self.force,
             overwrite: false,
+            spares: self.spares.clone(),
         }
     }
 }
@@ -627,6 +632,7 @@ mod tests {
             bitmap_region: None,
             force: false,
             overwrite: false,
+            spares: Vec::new(),
         }
     }
 
@@ -817,6 +823,7 @@ mod tests {
                     members: s.members,
                     bitmap_region: s.bitmap_region.map(ByteSize),
                     force: s.force,
+                    spares: s.spares,
                 })
                 .collect(),
             ..Default::default()

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
 use nbdraid_client::{Client, IoBuf};
 use nbdraid_engine::buffer::BufferPool;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::api::{
-    AdminError, ArrayAdmin, ArraySpec, ArrayState, ArrayStatus, CheckReport, MemberStatus,
+    AdminError, ArrayAdmin, ArraySpec, ArrayState, ArrayStatus, CheckReport, MemberStatus, Removal,
 };
 use crate::array::{Array, ArrayInner};
 use crate::assemble::assemble;
@@ -113,10 +114,16 @@ impl Default for ManagerSettings {
 /// superblocks are authoritative over it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArrayRecord {
-    /// How it was specified.
+    /// How it was specified (members as they are now: a replacement's URI
+    /// in its slot; the spares added since).
     pub spec: ArraySpec,
     /// Its uuid, once created.
     pub uuid: String,
+    /// Slots given to replacements: slot -> (the URI it had, the
+    /// replacement's), so that a configuration still naming the old volume
+    /// assembles the new one (and says so).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replaced: BTreeMap<usize, (String, String)>,
 }
 
 /// Where the daemon keeps its [`ArrayRecord`]s (sled in the daemon).
@@ -132,7 +139,8 @@ pub trait ArrayStore: Send + Sync + 'static {
 /// One served array and its background work.
 struct Entry {
     array: Array,
-    spec: ArraySpec,
+    /// How it is specified now (members after replacements, spares).
+    spec: Mutex<ArraySpec>,
     stop: CancellationToken,
     /// The running (or last) resync or recovery.
     sync: Mutex<Option<Arc<Tally>>>,
@@ -142,8 +150,14 @@ struct Entry {
     recovering: Mutex<Vec<usize>>,
     /// When an automatic re-add of a slot last failed (back off).
     readd_backoff: Mutex<BTreeMap<usize, Instant>>,
-    /// Per member: the grants held there and its model followed.
-    links: Vec<MemberLinks>,
+    /// Per member: the grants held there and its model followed (replaced
+    /// with the member).
+    links: Vec<ArcSwap<MemberLinks>>,
+    /// Resync, rebuild and check rate in bytes per second (0: unpaced),
+    /// settable while they run.
+    rate: Arc<std::sync::atomic::AtomicU64>,
+    /// Hot spares: volumes that take a failed member's slot.
+    spares: Mutex<Vec<String>>,
 }
 
 /// What the array holds at one member's control plane.
@@ -226,8 +240,8 @@ impl Manager {
             let inner = e.inner();
             for (background, grants) in [(false, &inner.grants), (true, &inner.bg_grants)] {
                 for (m, (grant, held, peak)) in inner.members.iter().zip(grants.snapshot()) {
-                    let links = e.links.get(m.slot);
-                    let lease = links.and_then(|l| {
+                    let links = e.links.get(m.slot).map(ArcSwap::load_full);
+                    let lease = links.as_ref().and_then(|l| {
                         if background {
                             l.bg.as_ref()
                         } else {
@@ -236,13 +250,14 @@ impl Manager {
                     });
                     out.push(nbdraid_proto::grpc::MemberGrant {
                         name: format!("{}/{}", inner.name, m.slot),
-                        uri: m.uri.clone(),
+                        uri: m.uri().to_string(),
                         grant,
                         held,
                         peak,
                         background,
                         lease_held: lease.is_some_and(Lease::held),
                         model_live: links
+                            .as_ref()
                             .and_then(|l| l.model.as_ref())
                             .is_some_and(ModelWatch::is_live),
                     });
@@ -273,41 +288,43 @@ impl Manager {
 
     /// Opens the array's links to its members' control planes: a
     /// foreground and a background grant, and the member's cost model.
-    fn link_members(&self, inner: &ArrayInner) -> Vec<MemberLinks> {
+    fn link_members(&self, inner: &ArrayInner) -> Vec<ArcSwap<MemberLinks>> {
         inner
             .members
             .iter()
-            .map(|m| {
-                let Some(grpc) = &m.grpc else {
-                    return MemberLinks::default();
-                };
-                let lease = |background: bool| {
-                    Lease::start(
-                        grpc,
-                        LeaseConfig {
-                            upstream: format!(
-                                "array {} member {}{}",
-                                inner.name,
-                                m.slot,
-                                if background { " (background)" } else { "" }
-                            ),
-                            units: if background {
-                                self.settings.background_grant
-                            } else {
-                                self.settings.member_grant
-                            },
-                            background,
-                            ..LeaseConfig::default()
-                        },
-                    )
-                };
-                MemberLinks {
-                    fg: Some(lease(false)),
-                    bg: Some(lease(true)),
-                    model: Some(ModelWatch::start(grpc, crate::member::fallback_model())),
-                }
-            })
+            .map(|m| ArcSwap::from_pointee(self.link_member(&inner.name, m)))
             .collect()
+    }
+
+    /// Opens the links to member `m`'s control plane (none without `?grpc=`).
+    fn link_member(&self, array: &str, m: &crate::member::Member) -> MemberLinks {
+        let Some(grpc) = m.grpc() else {
+            return MemberLinks::default();
+        };
+        let lease = |background: bool| {
+            Lease::start(
+                &grpc,
+                LeaseConfig {
+                    upstream: format!(
+                        "array {array} member {}{}",
+                        m.slot,
+                        if background { " (background)" } else { "" }
+                    ),
+                    units: if background {
+                        self.settings.background_grant
+                    } else {
+                        self.settings.member_grant
+                    },
+                    background,
+                    ..LeaseConfig::default()
+                },
+            )
+        };
+        MemberLinks {
+            fg: Some(lease(false)),
+            bg: Some(lease(true)),
+            model: Some(ModelWatch::start(&grpc, crate::member::fallback_model())),
+        }
     }
 
     /// Brings the array's view of its members' control planes up to date:
@@ -316,6 +333,7 @@ impl Manager {
     async fn sync_links(&self, e: &Entry) {
         let inner = e.inner();
         for (m, links) in inner.members.iter().zip(&e.links) {
+            let links = links.load_full();
             if let Some(watch) = &links.model {
                 let model = watch.model();
                 if *m.model() != model {
@@ -341,7 +359,7 @@ impl Manager {
                     // One connection for background work, registered under
                     // the background grant.
                     let config = member_client_config(1, self.settings.liveness_timeout);
-                    if let Ok(c) = Client::connect_uri(&m.uri, config).await {
+                    if let Ok(c) = Client::connect_uri(&m.uri(), config).await {
                         m.set_bg_client(Some(Arc::new(c)));
                     }
                 }
@@ -368,7 +386,26 @@ impl Manager {
             .iter()
             .map(|r| (r.spec.name.clone(), r.spec.clone()))
             .collect();
-        for s in configured {
+        for mut s in configured {
+            if let Some(r) = records.iter().find(|r| r.spec.name == s.name) {
+                for (slot, (old, new)) in &r.replaced {
+                    if s.members.get(*slot) == Some(old) {
+                        tracing::warn!(
+                            array = %s.name,
+                            member = slot,
+                            configured = %old,
+                            replacement = %new,
+                            "the configuration names a member that was replaced; assembling the replacement (update the configuration)"
+                        );
+                        s.members[*slot] = new.clone();
+                    }
+                }
+                for spare in &r.spec.spares {
+                    if !s.spares.contains(spare) {
+                        s.spares.push(spare.clone());
+                    }
+                }
+            }
             specs.insert(s.name.clone(), s);
         }
         let mut errors = Vec::new();
@@ -410,6 +447,47 @@ impl Manager {
         }
     }
 
+    fn record_of(&self, name: &str) -> Option<ArrayRecord> {
+        self.store
+            .list()
+            .ok()?
+            .into_iter()
+            .find(|r| r.spec.name == name)
+    }
+
+    /// Records `e`'s spec as it is now (members, spares), keeping the
+    /// record's replacements plus `replaced`.
+    fn persist_spec(
+        &self,
+        e: &Entry,
+        replaced: Option<(usize, String, String)>,
+    ) -> Result<(), AdminError> {
+        let mut spec = lock(&e.spec).clone();
+        spec.spares = lock(&e.spares).clone();
+        spec.force = false;
+        spec.overwrite = false;
+        let mut record = self.record_of(&spec.name).unwrap_or_else(|| ArrayRecord {
+            spec: spec.clone(),
+            uuid: e
+                .inner()
+                .meta
+                .snapshot()
+                .map(|sb| sb.array_uuid.to_string())
+                .unwrap_or_default(),
+            replaced: BTreeMap::new(),
+        });
+        if let Some((slot, old, new)) = replaced {
+            // A slot replaced twice remembers the URI first configured.
+            let first = record
+                .replaced
+                .get(&slot)
+                .map_or(old, |(first, _)| first.clone());
+            record.replaced.insert(slot, (first, new));
+        }
+        record.spec = spec;
+        self.store.put(&record)
+    }
+
     fn expected_uuid(&self, name: &str) -> Option<Uuid> {
         self.store
             .list()
@@ -429,7 +507,13 @@ impl Manager {
                 return Err(AdminError::Exists(spec.name.clone()));
             }
             for (other, e) in arrays.iter() {
-                if let Some(m) = spec.members.iter().find(|m| e.spec.members.contains(m)) {
+                let theirs = lock(&e.spec);
+                if let Some(m) = spec
+                    .members
+                    .iter()
+                    .chain(&spec.spares)
+                    .find(|m| theirs.members.contains(m) || theirs.spares.contains(m))
+                {
                     return Err(AdminError::Invalid(format!(
                         "array {:?}: member {m} already belongs to array {other:?}",
                         spec.name
@@ -471,13 +555,23 @@ impl Manager {
         let mut recorded = spec.clone();
         recorded.force = false;
         recorded.overwrite = false;
+        let replaced = self
+            .record_of(&spec.name)
+            .map(|r| r.replaced)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(slot, (_, new))| spec.members.get(*slot) == Some(new))
+            .collect();
         self.store.put(&ArrayRecord {
             spec: recorded,
             uuid,
+            replaced,
         })?;
         let entry = Arc::new(Entry {
             array: array.clone(),
-            spec: spec.clone(),
+            spec: Mutex::new(spec.clone()),
+            rate: Arc::new(std::sync::atomic::AtomicU64::new(self.settings.sync_rate)),
+            spares: Mutex::new(spec.spares.clone()),
             stop: self.stop.child_token(),
             sync: Mutex::new(None),
             check: Mutex::new(None),
@@ -521,7 +615,7 @@ impl Manager {
 
     fn spawn_resync(&self, entry: &Arc<Entry>) {
         let e = entry.clone();
-        let rate = self.settings.sync_rate;
+        let rate = e.rate.clone();
         tokio::spawn(async move {
             let inner = e.inner().clone();
             let (Some(set), Some(bitmap)) = (inner.meta.resync_set(), inner.meta.bitmap()) else {
@@ -595,6 +689,7 @@ impl Manager {
                     last_readd = Instant::now();
                     let Some(m) = manager.upgrade() else { return };
                     m.try_readd_all(&e).await;
+                    m.use_spares(&e).await;
                 }
             }
         });
@@ -646,7 +741,7 @@ impl Manager {
         if !matches!(member.state(), MemberState::Faulty | MemberState::Missing) {
             return Err(AdminError::Refused(format!(
                 "array {name:?}: member {slot} ({}) is {}, not failed",
-                member.uri,
+                member.uri(),
                 member.state().name()
             )));
         }
@@ -659,12 +754,12 @@ impl Manager {
             self.settings.member_connections,
             self.settings.liveness_timeout,
         );
-        let client = Client::connect_uri(&member.uri, config)
+        let client = Client::connect_uri(&member.uri(), config)
             .await
             .map_err(|err| {
                 AdminError::Unavailable(format!(
                     "array {name:?}: member {slot} ({}) is unreachable: {err}",
-                    member.uri
+                    member.uri()
                 ))
             })?;
         let area = client
@@ -687,14 +782,18 @@ impl Manager {
                 return Err(AdminError::Refused(format!(
                     "array {name:?}: member {slot} ({}) holds no valid superblock of this array ({other:?}); \
                      it needs a replacement and a rebuild",
-                    member.uri
+                    member.uri()
                 )));
             }
         };
         if own.array_uuid != array_sb.array_uuid || own.role != slot {
             return Err(AdminError::Refused(format!(
                 "array {name:?}: member {slot} ({}) holds slot {} of array {:?} ({}), expected slot {slot} of {}",
-                member.uri, own.role, own.array_name, own.array_uuid, array_sb.array_uuid
+                member.uri(),
+                own.role,
+                own.array_name,
+                own.array_uuid,
+                array_sb.array_uuid
             )));
         }
         let failed_at = match array_sb.roles.get(slot).map(|r| r.state) {
@@ -706,7 +805,8 @@ impl Manager {
             return Err(AdminError::Refused(format!(
                 "array {name:?}: member {slot} ({}) is back but missed more than the bitmap covers \
                  (its events {}, failed at {failed_at}); re-add it by hand for a full recovery",
-                member.uri, own.events
+                member.uri(),
+                own.events
             )));
         }
         if let Some(old) = member.set_client(Some(Arc::new(client))) {
@@ -724,7 +824,7 @@ impl Manager {
         tracing::info!(
             array = %name,
             member = slot,
-            uri = %member.uri,
+            uri = %member.uri(),
             full = !covered,
             "member re-added; recovering"
         );
@@ -744,6 +844,197 @@ impl Manager {
         };
         self.spawn_recovery(e, slot, plan);
         Ok(())
+    }
+
+    /// Gives slot `slot` of `e` to the volume at `uri` and rebuilds it there
+    /// while the array serves (`why`: "replace" or "spare", for the logs).
+    /// A member still in the slot is failed out first, if the array
+    /// survives that; the new volume must be large enough and must not
+    /// hold this or another array's superblock.
+    async fn replace_member(
+        &self,
+        e: &Arc<Entry>,
+        slot: usize,
+        uri: &str,
+        why: &str,
+    ) -> Result<(), AdminError> {
+        let inner = e.inner().clone();
+        let name = inner.name.clone();
+        let Some(member) = inner.members.get(slot).cloned() else {
+            return Err(AdminError::Invalid(format!(
+                "array {name:?} has no member slot {slot} (it has {})",
+                inner.members.len()
+            )));
+        };
+        if inner.layout.level() == crate::layout::Level::Raid0 {
+            return Err(AdminError::Refused(format!(
+                "array {name:?} is RAID 0: a member's data exists nowhere else, so it cannot be rebuilt"
+            )));
+        }
+        if inner.is_failed() {
+            return Err(AdminError::Refused(format!(
+                "array {name:?} has failed (lost more members than {} tolerates): nothing to rebuild from",
+                inner.layout.level()
+            )));
+        }
+        if *member.uri() == uri {
+            return Err(AdminError::Invalid(format!(
+                "array {name:?}: member {slot} is {uri} already (re-add it instead)"
+            )));
+        }
+        if let Some(other) = self.owner_of(uri) {
+            return Err(AdminError::Invalid(format!(
+                "array {name:?}: {uri} already belongs to array {other:?}"
+            )));
+        }
+        if member.readable() && !inner.survives_without(slot) {
+            return Err(AdminError::Refused(format!(
+                "array {name:?}: member {slot} ({}) holds data no other member has right now (members {:?} are out); \
+                 replacing it would lose that data: wait for the rebuilds to finish",
+                member.uri(),
+                inner.degraded_slots()
+            )));
+        }
+        // The new volume: reachable, writable, large enough, not an array's.
+        let config = member_client_config(
+            self.settings.member_connections,
+            self.settings.liveness_timeout,
+        );
+        let client = Client::connect_uri(uri, config).await.map_err(|err| {
+            AdminError::Unavailable(format!("array {name:?}: cannot reach {uri}: {err}"))
+        })?;
+        let info = client.info();
+        let need = member.data_offset + inner.layout.member_data_size();
+        let refuse = |msg: String| async {
+            client.close(Duration::from_millis(10)).await;
+            Err(AdminError::Invalid(msg))
+        };
+        if info.read_only() {
+            return refuse(format!("array {name:?}: {uri} is read-only")).await;
+        }
+        if info.size < need {
+            return refuse(format!(
+                "array {name:?}: {uri} holds {} bytes, less than a member needs ({need})",
+                info.size
+            ))
+            .await;
+        }
+        if info.min_block > 4096 {
+            return refuse(format!(
+                "array {name:?}: {uri} has a {}-byte minimum block; members may have at most 4096",
+                info.min_block
+            ))
+            .await;
+        }
+        match client
+            .read(0, IoBuf::zeroed(2 * SB_SLOT_SIZE as usize))
+            .await
+        {
+            Ok(area) => {
+                let (a, b) = area.split_at(SB_SLOT_SIZE as usize);
+                if let SbRead::Valid { sb, .. } = read_copies(a, b) {
+                    return refuse(format!(
+                        "array {name:?}: {uri} holds slot {} of array {:?} ({}); clear it first if it is no longer needed",
+                        sb.role, sb.array_name, sb.array_uuid
+                    ))
+                    .await;
+                }
+            }
+            Err(err) => {
+                client.close(Duration::from_millis(10)).await;
+                return Err(AdminError::Unavailable(format!(
+                    "array {name:?}: cannot read {uri}: {err}"
+                )));
+            }
+        }
+        // Out with the old member: its rebuild stops, it is recorded
+        // failed (writes it would miss are then covered), its clients go.
+        let old_uri = member.uri().to_string();
+        if member.writable() {
+            member.set_state(MemberState::Faulty);
+            inner.update_failed();
+            inner.meta.record_failure(&inner, slot, why).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lock(&e.recovering).contains(&slot) {
+            if Instant::now() > deadline {
+                return Err(AdminError::Internal(format!(
+                    "array {name:?}: the rebuild of member {slot} did not stop"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let old_clients = [
+            member.set_client(Some(Arc::new(client))),
+            member.set_bg_client(None),
+        ];
+        for c in old_clients.into_iter().flatten() {
+            c.close(Duration::from_millis(10)).await;
+        }
+        member.set_uri(uri);
+        let member_uuid = Uuid::new_v4();
+        if let Err(err) = inner
+            .meta
+            .adopt_member(&inner, &member, member_uuid, uri)
+            .await
+        {
+            member.set_state(MemberState::Faulty);
+            inner.update_failed();
+            return Err(AdminError::Unavailable(format!(
+                "array {name:?}: cannot set up {uri} as member {slot}: {err}"
+            )));
+        }
+        inner.update_failed();
+        if let Some(l) = e.links.get(slot) {
+            l.store(Arc::new(self.link_member(&name, &member)));
+        }
+        lock(&e.spec).members[slot] = uri.to_string();
+        lock(&e.readd_backoff).remove(&slot);
+        if let Err(err) = self.persist_spec(e, Some((slot, old_uri.clone(), uri.to_string()))) {
+            tracing::error!(array = %name, error = %err, "cannot record the replacement in the state store");
+        }
+        tracing::info!(array = %name, member = slot, old = %old_uri, new = %uri, %why, "member replaced; rebuilding");
+        self.spawn_recovery(e, slot, Recovery::From(0));
+        Ok(())
+    }
+
+    /// Returns the array that has `uri` as a member or spare.
+    fn owner_of(&self, uri: &str) -> Option<String> {
+        lock(&self.arrays).iter().find_map(|(name, e)| {
+            let in_use = e.inner().members.iter().any(|m| *m.uri() == uri)
+                || lock(&e.spares).iter().any(|s| s == uri);
+            in_use.then(|| name.clone())
+        })
+    }
+
+    /// Gives a failed member's slot to the first spare that takes it.
+    async fn use_spares(&self, e: &Arc<Entry>) {
+        let inner = e.inner();
+        if inner.is_failed() || lock(&e.spares).is_empty() {
+            return;
+        }
+        let failed: Vec<usize> = inner
+            .members
+            .iter()
+            .filter(|m| matches!(m.state(), MemberState::Faulty | MemberState::Missing))
+            .map(|m| m.slot)
+            .collect();
+        for slot in failed {
+            let spares = lock(&e.spares).clone();
+            for spare in spares {
+                // Taken off the list first: another array may not take it.
+                lock(&e.spares).retain(|s| *s != spare);
+                match self.replace_member(e, slot, &spare, "spare").await {
+                    Ok(()) => break,
+                    Err(err) => {
+                        tracing::warn!(array = %inner.name, member = slot, %spare, error = %err, "the spare cannot take the slot; dropped from the spares");
+                        if let Err(err) = self.persist_spec(e, None) {
+                            tracing::error!(array = %inner.name, error = %err, "cannot record the spares");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Recovers member `slot` (recovering: written, not read) in the
@@ -787,7 +1078,7 @@ impl Manager {
         let tally = Tally::new("recovery", regions.len() as u64 * region);
         *lock(&e.sync) = Some(tally.clone());
         let entry = e.clone();
-        let rate = self.settings.sync_rate;
+        let rate = e.rate.clone();
         tokio::spawn(async move {
             let mut pacer = Pacer::new(rate);
             let mut ok = true;
@@ -870,7 +1161,7 @@ impl Manager {
                 let ops = (reads + writes).max(1);
                 MemberStatus {
                     slot: m.slot,
-                    uri: m.uri.clone(),
+                    uri: m.uri().to_string(),
                     uuid: sb
                         .as_ref()
                         .and_then(|sb| sb.roles.get(m.slot))
@@ -910,6 +1201,8 @@ impl Manager {
             sync,
             check,
             export: inner.name.clone(),
+            spares: lock(&e.spares).clone(),
+            sync_rate: e.rate.load(Ordering::Relaxed),
         })
     }
 }
@@ -1112,6 +1405,7 @@ fn register_metrics(entry: &Arc<Entry>) {
             }
         }
         for (links, (live, fg, bg)) in e.links.iter().zip(&link_gauges) {
+            let links = links.load();
             let flag = |b: bool| if b { 1.0 } else { 0.0 };
             live.set(flag(links.model.as_ref().is_some_and(ModelWatch::is_live)));
             fg.set(flag(links.fg.as_ref().is_some_and(Lease::held)));
@@ -1134,6 +1428,108 @@ fn check_report(t: &Tally) -> CheckReport {
 }
 
 impl ArrayAdmin for Manager {
+    fn replace(
+        &self,
+        name: &str,
+        slot: usize,
+        uri: &str,
+    ) -> BoxFuture<'_, Result<ArrayStatus, AdminError>> {
+        let (name, uri) = (name.to_string(), uri.to_string());
+        Box::pin(async move {
+            let e = self.entry(&name)?;
+            nbdraid_client::uri::parse_full(&uri).map_err(|err| {
+                AdminError::Invalid(format!("array {name:?}: bad member URI {uri:?}: {err}"))
+            })?;
+            self.replace_member(&e, slot, &uri, "replace").await?;
+            self.status_of(&e)
+        })
+    }
+
+    fn add_spare(&self, name: &str, uri: &str) -> BoxFuture<'_, Result<ArrayStatus, AdminError>> {
+        let (name, uri) = (name.to_string(), uri.to_string());
+        Box::pin(async move {
+            let e = self.entry(&name)?;
+            nbdraid_client::uri::parse_full(&uri).map_err(|err| {
+                AdminError::Invalid(format!("array {name:?}: bad spare URI {uri:?}: {err}"))
+            })?;
+            if let Some(other) = self.owner_of(&uri) {
+                return Err(AdminError::Invalid(format!(
+                    "array {name:?}: {uri} already belongs to array {other:?}"
+                )));
+            }
+            lock(&e.spares).push(uri.clone());
+            self.persist_spec(&e, None)?;
+            tracing::info!(array = %name, spare = %uri, "spare added");
+            // A member may be waiting for it.
+            self.use_spares(&e).await;
+            self.status_of(&e)
+        })
+    }
+
+    fn remove(&self, name: &str, what: Removal) -> BoxFuture<'_, Result<ArrayStatus, AdminError>> {
+        let name = name.to_string();
+        Box::pin(async move {
+            let e = self.entry(&name)?;
+            match what {
+                Removal::Spare(uri) => {
+                    let had = {
+                        let mut spares = lock(&e.spares);
+                        let before = spares.len();
+                        spares.retain(|s| *s != uri);
+                        spares.len() != before
+                    };
+                    if !had {
+                        return Err(AdminError::Invalid(format!(
+                            "array {name:?} has no spare {uri}"
+                        )));
+                    }
+                    self.persist_spec(&e, None)?;
+                    tracing::info!(array = %name, spare = %uri, "spare removed");
+                }
+                Removal::Member(slot) => {
+                    let inner = e.inner().clone();
+                    let Some(m) = inner.members.get(slot).cloned() else {
+                        return Err(AdminError::Invalid(format!(
+                            "array {name:?} has no member slot {slot}"
+                        )));
+                    };
+                    if !m.writable() {
+                        return Err(AdminError::Refused(format!(
+                            "array {name:?}: member {slot} is {} already",
+                            m.state().name()
+                        )));
+                    }
+                    if m.readable() && !inner.survives_without(slot) {
+                        return Err(AdminError::Refused(format!(
+                            "array {name:?}: member {slot} ({}) holds data no other member has right now; \
+                             removing it would lose that data",
+                            m.uri()
+                        )));
+                    }
+                    m.set_state(MemberState::Faulty);
+                    inner.update_failed();
+                    inner.meta.record_failure(&inner, slot, "removed").await;
+                    // Not re-added on its own: it was taken out on purpose.
+                    lock(&e.readd_backoff)
+                        .insert(slot, Instant::now() + Duration::from_secs(365 * 86400));
+                    let old = [m.set_client(None), m.set_bg_client(None)];
+                    for c in old.into_iter().flatten() {
+                        c.close(Duration::from_secs(1)).await;
+                    }
+                    tracing::warn!(array = %name, member = slot, uri = %m.uri(), "member removed from the array");
+                }
+            }
+            self.status_of(&e)
+        })
+    }
+
+    fn set_rate(&self, name: &str, rate: u64) -> Result<ArrayStatus, AdminError> {
+        let e = self.entry(name)?;
+        e.rate.store(rate, Ordering::Relaxed);
+        tracing::info!(array = %name, rate, "resync, rebuild and check rate set");
+        self.status_of(&e)
+    }
+
     fn create(&self, spec: ArraySpec) -> BoxFuture<'_, Result<ArrayStatus, AdminError>> {
         Box::pin(async move { self.add(spec).await })
     }
@@ -1173,7 +1569,7 @@ impl ArrayAdmin for Manager {
         let inner = e.inner().clone();
         let tally = Tally::new("check", inner.layout.member_data_size());
         *lock(&e.check) = Some(tally.clone());
-        let rate = self.settings.sync_rate;
+        let rate = e.rate.clone();
         let entry = e.clone();
         let report = check_report(&tally);
         tokio::spawn(async move {

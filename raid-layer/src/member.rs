@@ -156,17 +156,25 @@ pub struct MemberStats {
     pub latency_us: AtomicU64,
 }
 
+/// The `?grpc=` of a member URI.
+fn grpc_of(uri: &str) -> Option<String> {
+    nbdraid_client::uri::parse_full(uri)
+        .ok()
+        .and_then(|u| u.grpc)
+}
+
 /// One member of an array.
 pub struct Member {
     /// The member's slot (role) in the array.
     pub slot: usize,
-    /// Where it is: `nbd://host:port/export`.
-    pub uri: String,
+    /// Where it is: `nbd://host:port/export` (changes when the slot is
+    /// given to a replacement).
+    uri: ArcSwap<String>,
     /// Offset of the data area in the member volume.
     pub data_offset: u64,
     /// The member layer's gRPC control plane (`?grpc=` in its URI), for
     /// its cost model and grants.
-    pub grpc: Option<String>,
+    grpc: ArcSwap<Option<String>>,
     client: RwLock<Option<Arc<Client>>>,
     /// A connection for background work, drawing from the member's
     /// background share (falls back to the foreground client).
@@ -187,7 +195,7 @@ impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
             .field("slot", &self.slot)
-            .field("uri", &self.uri)
+            .field("uri", &self.uri())
             .field("state", &self.state())
             .finish()
     }
@@ -226,14 +234,11 @@ impl Member {
         client: Option<Arc<Client>>,
         state: MemberState,
     ) -> Arc<Self> {
-        let grpc = nbdraid_client::uri::parse_full(uri)
-            .ok()
-            .and_then(|u| u.grpc);
         Arc::new(Self {
             slot,
-            uri: uri.to_string(),
+            uri: ArcSwap::from_pointee(uri.to_string()),
             data_offset,
-            grpc,
+            grpc: ArcSwap::from_pointee(grpc_of(uri)),
             client: RwLock::new(client),
             bg_client: RwLock::new(None),
             model: ArcSwap::from_pointee(fallback_model()),
@@ -243,6 +248,23 @@ impl Member {
             partial_blocks: crate::array::KeyLocks::new(),
             stats: MemberStats::default(),
         })
+    }
+
+    /// Returns where the member is: `nbd://host:port/export`.
+    pub fn uri(&self) -> Arc<String> {
+        self.uri.load_full()
+    }
+
+    /// Returns the member layer's gRPC control plane, if its URI names one.
+    pub fn grpc(&self) -> Option<String> {
+        self.grpc.load().as_ref().clone()
+    }
+
+    /// Gives the slot to the volume at `uri` (a replacement): callers set
+    /// its client and state next.
+    pub fn set_uri(&self, uri: &str) {
+        self.grpc.store(Arc::new(grpc_of(uri)));
+        self.uri.store(Arc::new(uri.to_string()));
     }
 
     /// Returns the member's state.
@@ -337,7 +359,7 @@ impl Member {
     fn unavailable(&self) -> MemberError {
         MemberError::Unavailable {
             member: self.slot,
-            uri: self.uri.clone(),
+            uri: self.uri().to_string(),
         }
     }
 
@@ -346,7 +368,7 @@ impl Member {
         if e.is_member_failure() || matches!(e, ClientError::Closed) {
             MemberError::Failed {
                 member: self.slot,
-                uri: self.uri.clone(),
+                uri: self.uri().to_string(),
                 reason: e.to_string(),
             }
         } else {

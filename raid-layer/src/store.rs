@@ -147,9 +147,22 @@ mod tests {
                 bitmap_region: Some(1 << 20),
                 force: false,
                 overwrite: true,
+                spares: Vec::new(),
             },
             uuid: uuid::Uuid::new_v4().to_string(),
+            replaced: Default::default(),
         }
+    }
+
+    /// Records written before spares and replacements existed still load.
+    #[test]
+    fn records_of_earlier_builds_load() {
+        let old = r#"{"spec":{"name":"r5","level":"raid5","chunk":65536,"copies":2,
+            "members":["nbd://a:1/x","nbd://b:1/x","nbd://c:1/x"],"bitmap_region":null,
+            "force":false,"overwrite":false},"uuid":"u"}"#;
+        let r: ArrayRecord = serde_json::from_str(old).unwrap();
+        assert!(r.spec.spares.is_empty() && r.replaced.is_empty());
+        assert_eq!(r.spec.members.len(), 3);
     }
 
     #[test]

@@ -105,33 +105,54 @@ impl Tally {
     }
 }
 
-/// Paces a pass to `rate` bytes per second (0: unpaced).
+/// Paces a pass to a rate in bytes per second (0: unpaced) that can be
+/// changed while it runs (`nbdraid array set-rate`): a change restarts the
+/// accounting, so the new rate holds from then on.
 pub struct Pacer {
-    rate: u64,
+    rate: Arc<AtomicU64>,
+    /// The rate the accounting below was made at.
+    at: u64,
     start: Instant,
     bytes: u64,
 }
 
 impl Pacer {
-    /// Returns a pacer for `rate` bytes per second.
-    pub fn new(rate: u64) -> Self {
+    /// Returns a pacer following `rate`.
+    pub fn new(rate: Arc<AtomicU64>) -> Self {
+        let at = rate.load(Ordering::Relaxed);
         Self {
             rate,
+            at,
             start: Instant::now(),
             bytes: 0,
         }
     }
 
-    /// Accounts `n` bytes and sleeps if ahead of the rate.
+    /// Returns a pacer at a fixed `rate`.
+    pub fn fixed(rate: u64) -> Self {
+        Self::new(Arc::new(AtomicU64::new(rate)))
+    }
+
+    /// Accounts `n` bytes and sleeps while ahead of the rate (in slices,
+    /// so that a changed rate takes effect within 200 ms).
     pub async fn pace(&mut self, n: u64) {
         self.bytes += n;
-        if self.rate == 0 {
-            return;
-        }
-        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
-        let elapsed = self.start.elapsed();
-        if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
+        loop {
+            let rate = self.rate.load(Ordering::Relaxed);
+            if rate != self.at {
+                self.at = rate;
+                self.start = Instant::now();
+                self.bytes = n;
+            }
+            if rate == 0 {
+                return;
+            }
+            let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+            let elapsed = self.start.elapsed();
+            if due <= elapsed {
+                return;
+            }
+            tokio::time::sleep((due - elapsed).min(Duration::from_millis(200))).await;
         }
     }
 }

@@ -65,6 +65,64 @@ pub enum ArrayCmd {
         /// The member's slot (see `status`).
         slot: u32,
     },
+    /// Give a member's slot to another volume and rebuild it there while
+    /// the array serves (the member still in the slot is failed out first,
+    /// if the array survives that).
+    Replace {
+        /// Array name.
+        name: String,
+        /// The slot to replace (see `status`).
+        #[arg(long = "member", value_name = "SLOT")]
+        slot: u32,
+        /// The new member volume, nbd://host:port/export.
+        #[arg(long = "with", value_name = "URI")]
+        uri: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a hot spare: it takes the slot of a member that fails, and is
+    /// rebuilt there.
+    AddSpare {
+        /// Array name.
+        name: String,
+        /// The spare volume, nbd://host:port/export.
+        uri: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a spare, or fail a member out of the array (the array goes on
+    /// degraded; a spare takes the slot if there is one).
+    Remove {
+        /// Array name.
+        name: String,
+        /// The member's slot.
+        #[arg(
+            long = "member",
+            value_name = "SLOT",
+            conflicts_with = "spare",
+            required_unless_present = "spare"
+        )]
+        slot: Option<u32>,
+        /// The spare's URI.
+        #[arg(long, value_name = "URI")]
+        spare: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the resync, rebuild and check rate limit (e.g. 50M per second,
+    /// 0 for none), in force at once for the passes running.
+    SetRate {
+        /// Array name.
+        name: String,
+        /// Bytes of member data per second; 0 = no limit.
+        rate: ByteSize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check an array: read every stripe and verify its parity or copies.
     /// Exits with status 1 if any mismatch is found.
     Check {
@@ -107,6 +165,10 @@ pub struct CreateArgs {
     /// array's data).
     #[arg(long)]
     pub overwrite: bool,
+    /// Hot spare, nbd://host:port/export: takes the slot of a member that
+    /// fails; repeat for more.
+    #[arg(long = "spare", value_name = "URI")]
+    pub spares: Vec<String>,
     /// Start even if dirty and degraded: stripes written at the crash may
     /// be wrong (RAID 5/6 write hole).
     #[arg(long)]
@@ -128,6 +190,7 @@ impl CreateArgs {
             bitmap_region: self.bitmap_region.map_or(0, |b| b.0),
             force: self.force,
             overwrite: self.overwrite,
+            spares: self.spares.clone(),
         }
     }
 }
@@ -181,6 +244,56 @@ pub async fn run(addr: &str, cmd: ArrayCmd) -> Result<()> {
                 .map_err(status)?
                 .into_inner();
             print_one(&s, false);
+        }
+        ArrayCmd::Replace {
+            name,
+            slot,
+            uri,
+            json,
+        } => {
+            let s = c
+                .replace(grpc::ReplaceRequest { name, slot, uri })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_one(&s, json);
+        }
+        ArrayCmd::AddSpare { name, uri, json } => {
+            let s = c
+                .add_spare(grpc::SpareRequest { name, uri })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_one(&s, json);
+        }
+        ArrayCmd::Remove {
+            name,
+            slot,
+            spare,
+            json,
+        } => {
+            let what = match (slot, spare) {
+                (Some(slot), _) => grpc::remove_request::What::Slot(slot),
+                (None, Some(uri)) => grpc::remove_request::What::Spare(uri),
+                (None, None) => bail!("remove what? give --member SLOT or --spare URI"),
+            };
+            let s = c
+                .remove(grpc::RemoveRequest {
+                    name,
+                    what: Some(what),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_one(&s, json);
+        }
+        ArrayCmd::SetRate { name, rate, json } => {
+            let s = c
+                .set_rate(grpc::SetRateRequest { name, rate: rate.0 })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_one(&s, json);
         }
         ArrayCmd::Check {
             name,
@@ -453,6 +566,17 @@ fn render_status(s: &grpc::ArrayStatus) -> String {
         },
     );
     row("Export", s.export.clone());
+    row(
+        "Sync Rate",
+        if s.sync_rate == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{}/s", format_size(s.sync_rate))
+        },
+    );
+    if !s.spares.is_empty() {
+        row("Spares", s.spares.join(", "));
+    }
     if let Some(p) = &s.sync {
         let mut kind = p.kind.clone();
         if let Some(first) = kind.get_mut(..1) {
@@ -524,6 +648,8 @@ fn status_json(s: &grpc::ArrayStatus) -> Value {
         "sync": s.sync.as_ref().map(progress_json),
         "check": s.check.as_ref().map(check_json),
         "export": s.export,
+        "spares": s.spares,
+        "sync_rate": s.sync_rate,
     })
 }
 
@@ -687,6 +813,8 @@ mod tests {
                 errors: 1,
             }),
             export: "r6".into(),
+            spares: vec!["nbd://n9:10809/v".into()],
+            sync_rate: 0,
         }
     }
 

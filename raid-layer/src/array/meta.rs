@@ -279,6 +279,67 @@ impl ArrayMeta {
         self.write_superblocks(array, &mut st).await
     }
 
+    /// Gives slot `slot` to a new member volume (a replacement or a spare):
+    /// `member` already holds its client and URI and is not yet written.
+    /// Zeroes its second superblock slot, writes it the bitmap, records the
+    /// role as `member_uuid` at `uri`, recovering from 0, on every writable
+    /// member including the new one (which becomes writable here), and
+    /// writes the bitmap to every member again (pages changed meanwhile).
+    pub async fn adopt_member(
+        &self,
+        array: &ArrayInner,
+        member: &Member,
+        member_uuid: uuid::Uuid,
+        uri: &str,
+    ) -> Result<(), IoError> {
+        let Some(p) = &self.persisted else {
+            member.set_recovered(0);
+            member.set_state(MemberState::Recovering);
+            return Ok(());
+        };
+        let eio = |e: crate::member::MemberError| IoError::eio("adopt", uri, e.to_string());
+        member
+            .write_raw(
+                crate::meta::SB_B_OFFSET,
+                Bytes::from(vec![0u8; crate::meta::SB_SLOT_SIZE as usize]),
+                false,
+            )
+            .await
+            .map_err(eio)?;
+        for page in 0..p.bitmap.geometry().pages() {
+            let bytes = Bytes::from(p.bitmap.page_bytes(page));
+            member
+                .write_raw(BITMAP_OFFSET + page * BITMAP_PAGE_SIZE, bytes, false)
+                .await
+                .map_err(eio)?;
+        }
+        member.flush().await.map_err(eio)?;
+        {
+            let mut st = p.state.lock().await;
+            let Some(role) = st.sb.roles.get_mut(member.slot) else {
+                return Err(IoError::Invalid(format!("no slot {}", member.slot)));
+            };
+            *role = superblock::RoleState {
+                member_uuid,
+                uri: uri.to_string(),
+                state: superblock::MemberState::Recovering { done: 0 },
+                errors: 0,
+            };
+            if let Some(slot) = st.slots.get_mut(member.slot) {
+                // Its copy B is zeroes: the first copy goes to A.
+                *slot = None;
+            }
+            member.set_recovered(0);
+            member.set_state(MemberState::Recovering);
+            self.write_superblocks(array, &mut st).await?;
+        }
+        p.bitmap
+            .persist_all(&Persist(array))
+            .await
+            .map_err(|e| IoError::eio("bitmap", &array.name, e.0))?;
+        Ok(())
+    }
+
     /// Marks the array clean if no write is in flight, none has come for
     /// `idle`, and no region awaits its resync, after flushing every
     /// member. Returns whether it did.
@@ -364,14 +425,14 @@ impl ArrayMeta {
                     MetaError::Invalid(format!("no role {} in the superblock", m.slot))
                 });
                 async move {
-                    let copy =
-                        copy.map_err(|e| IoError::eio("superblock", &m.uri, e.to_string()))?;
+                    let copy = copy
+                        .map_err(|e| IoError::eio("superblock", m.uri().as_str(), e.to_string()))?;
                     let bytes = encode(&copy)
-                        .map_err(|e| IoError::eio("superblock", &m.uri, e.to_string()))?;
+                        .map_err(|e| IoError::eio("superblock", m.uri().as_str(), e.to_string()))?;
                     m.write_raw(slot.offset(), Bytes::from(bytes), true)
                         .await
                         .map(|()| slot)
-                        .map_err(|e| IoError::eio("superblock", &m.uri, e.to_string()))
+                        .map_err(|e| IoError::eio("superblock", m.uri().as_str(), e.to_string()))
                 }
             });
             let results = futures::future::join_all(writes).await;

@@ -235,33 +235,45 @@ impl ArrayInner {
     }
 
     /// Recomputes whether the array can still serve every byte, and tells
-    /// watchers that a member's state changed.
+    /// watchers that a member's state changed. A member being rebuilt
+    /// counts as out (beyond its frontier it holds nothing yet): a RAID 5
+    /// that loses a source in the middle of a rebuild fails, cleanly,
+    /// instead of answering EIO for part of its data.
     pub(crate) fn update_failed(&self) {
         self.state_changed.send_modify(|v| *v = v.wrapping_add(1));
-        let lost = |mut slots: Box<dyn Iterator<Item = usize> + '_>| {
-            slots.all(|s| !self.members[s].writable())
-        };
-        let n = self.members.len();
-        let failed = match self.layout.level() {
-            Level::Raid0 => self.members.iter().any(|m| !m.writable()),
-            Level::Raid1 => lost(Box::new(0..n)),
-            Level::Raid5 | Level::Raid6 => {
-                let tolerated = self.layout.level().parity_chunks();
-                self.members.iter().filter(|m| !m.writable()).count() > tolerated
-            }
-            Level::Raid10 => {
-                // Chunk c's copies sit in slots c·copies.. (mod N); the
-                // pattern repeats within N chunks.
-                let copies = self.layout.geometry().copies;
-                (0..n).any(|c| lost(Box::new((0..copies).map(move |k| (c * copies + k) % n))))
-            }
-        };
+        let failed = self.lost_with(|_| false);
         if failed && !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 array = %self.name,
                 lost = ?self.degraded_slots(),
                 "array FAILED: more members lost than the level tolerates; every request gets EIO"
             );
+        }
+    }
+
+    /// Reports whether the array could still serve every byte without
+    /// member `slot` (as well as the members already out).
+    pub fn survives_without(&self, slot: usize) -> bool {
+        !self.lost_with(|s| s == slot)
+    }
+
+    /// Reports whether some byte has no in-sync member left, with the
+    /// members `out` says counted out as well.
+    fn lost_with(&self, out: impl Fn(usize) -> bool) -> bool {
+        let gone = |s: usize| out(s) || !self.members[s].readable();
+        let n = self.members.len();
+        match self.layout.level() {
+            Level::Raid0 => (0..n).any(gone),
+            Level::Raid1 => (0..n).all(gone),
+            Level::Raid5 | Level::Raid6 => {
+                (0..n).filter(|&s| gone(s)).count() > self.layout.level().parity_chunks()
+            }
+            Level::Raid10 => {
+                // Chunk c's copies sit in slots c·copies.. (mod N); the
+                // pattern repeats within N chunks.
+                let copies = self.layout.geometry().copies;
+                (0..n).any(|c| (0..copies).all(|k| gone((c * copies + k) % n)))
+            }
         }
     }
 
@@ -279,7 +291,7 @@ impl ArrayInner {
             return;
         }
         m.set_state(MemberState::Faulty);
-        tracing::warn!(array = %self.name, member = slot, uri = %m.uri, error = %e, "member failed");
+        tracing::warn!(array = %self.name, member = slot, uri = %m.uri(), error = %e, "member failed");
         metrics::counter!("nbdraid_array_member_failures_total", "array" => self.name.clone())
             .increment(1);
         self.update_failed();

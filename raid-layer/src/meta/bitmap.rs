@@ -385,9 +385,10 @@ impl<E> Bitmap<E> {
             }
             let first = p as u64 * BITS_PER_PAGE;
             let mut cleared = 0;
-            for r in first..(first + BITS_PER_PAGE)
-                .min(self.geometry.bits)
-                .min(clear_below)
+            for r in first
+                ..(first + BITS_PER_PAGE)
+                    .min(self.geometry.bits)
+                    .min(clear_below)
             {
                 let word = regions.word(r);
                 let w = word.load(Ordering::Acquire);
