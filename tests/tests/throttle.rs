@@ -498,18 +498,46 @@ fn throttle_service_publishes_the_model_and_manages_leases() {
             .expect("flush cost");
         assert_eq!(flush.per_byte_fp, 0);
 
-        // A grant smaller than the largest request is refused; so is one
-        // that would leave the foreground pool below it.
-        let small = open_lease(grpc, "x", 4096, grpc::TrafficClass::Foreground, vec![]).await;
+        // The node sizes a grant: raised to the largest request, cut to
+        // what the pool spares while keeping one largest request for
+        // itself, refused only when it cannot spare even that.
+        let largest = (32u64 << 20) + 512;
+        let fg_reserved = |m: &grpc::MetricModel| {
+            m.shares
+                .iter()
+                .find(|s| s.name == "foreground")
+                .map(|s| s.reserved)
+                .expect("foreground share")
+        };
+        let before = fg_reserved(&get_metric(grpc).await);
+        let (small_tx, _small_rx, small) =
+            open_lease(grpc, "small", 4096, grpc::TrafficClass::Foreground, vec![])
+                .await
+                .expect("a small grant is raised, not refused");
+        assert_eq!(small.granted, largest);
+        let (huge_tx, _huge_rx, huge) = open_lease(
+            grpc,
+            "huge",
+            250 << 20,
+            grpc::TrafficClass::Foreground,
+            vec![],
+        )
+        .await
+        .expect("a huge grant is cut, not refused");
+        assert_eq!(huge.granted, before - largest - largest);
+        let none = open_lease(grpc, "none", 4096, grpc::TrafficClass::Foreground, vec![]).await;
         assert_eq!(
-            small.err().map(|s| s.code()),
-            Some(tonic::Code::InvalidArgument)
+            none.err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument),
+            "nothing left to spare"
         );
-        let huge = open_lease(grpc, "x", 250 << 20, grpc::TrafficClass::Foreground, vec![]).await;
-        assert_eq!(
-            huge.err().map(|s| s.code()),
-            Some(tonic::Code::InvalidArgument)
-        );
+        // Ending the streams gives the units back.
+        drop((small_tx, huge_tx));
+        let deadline = std::time::Instant::now() + hang(30);
+        while fg_reserved(&get_metric(grpc).await) != before {
+            assert!(std::time::Instant::now() < deadline, "grants not returned");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         // A grant shows up as a share and goes away with its stream.
         let client = Client::connect(&addr, "v", ClientConfig::default())

@@ -165,9 +165,9 @@ pub struct ThrottleConfig {
     /// Memory budget for request buffers, in bytes (`256M`).
     pub capacity: ByteSize,
     /// Part of the capacity reserved for background traffic (rebuild,
-    /// resync, scrub); default a quarter, at least two largest requests
-    /// (its own and one upstream's background grant) where the foreground
-    /// pool keeps one.
+    /// resync, scrub); default a quarter, at least one largest request,
+    /// and two (its own and one upstream's background grant) where the
+    /// foreground pool keeps two.
     pub background_reserve: Option<ByteSize>,
     /// Seconds a grant's lease lives without a renewal.
     pub lease_ttl_secs: u64,
@@ -191,17 +191,21 @@ impl ThrottleConfig {
     /// the largest request the layer accepts (every share holds at least one).
     pub fn settings(&self, largest_request: u64) -> ThrottleSettings {
         let capacity = self.capacity.0;
-        // By default a quarter of the capacity, and room for the pool's own
-        // largest request plus one background grant to an upstream (at
-        // least one largest request), as far as the foreground pool keeps
-        // one largest request too.
+        // By default a quarter of the capacity and at least the largest
+        // request; and room for a second one (a background grant to an
+        // upstream next to the pool's own) where the foreground pool still
+        // keeps two, so small budgets keep their foreground concurrency.
         let background_reserve = match self.background_reserve {
             Some(b) => b.0,
-            None => (capacity / 4).max(
-                largest_request
-                    .saturating_mul(2)
-                    .min(capacity.saturating_sub(largest_request)),
-            ),
+            None => {
+                let two = largest_request.saturating_mul(2);
+                let quarter = (capacity / 4).max(largest_request);
+                if quarter < two && capacity.saturating_sub(two) >= two {
+                    two
+                } else {
+                    quarter
+                }
+            }
         };
         ThrottleSettings {
             capacity,
@@ -733,6 +737,13 @@ mod tests {
             };
             config.settings(largest).check().unwrap();
         }
+        // A small budget keeps its foreground concurrency (two 32 MiB
+        // requests in 72 MiB): the second background request is not taken.
+        let small = ThrottleConfig {
+            capacity: ByteSize(72 << 20),
+            ..ThrottleConfig::default()
+        };
+        assert_eq!(small.settings(largest).background_reserve, largest);
     }
 
     #[tokio::test]
