@@ -4,7 +4,7 @@
 # node served directly, and qemu-storage-daemon's quorum driver (the RAID 1
 # peer), all on peers.py's fio rows. Reports IOPS, MB/s, p99 and CPU per
 # I/O of the array daemon and of the nodes, against the issue's goals.
-# Builds the release binaries first, then runs array.py (Python 3, stdlib
+# Builds the release binaries first, then runs arraybench.py (Python 3, stdlib
 # only; helpers in benchlib.py). Options: array.sh --help.
 #
 #   deploy/bench/array.sh --json /tmp/array.json    # full: 3 passes x 10 s
@@ -37,7 +37,7 @@ if ((build)); then
   (cd "$root" && cargo build --release -p nbdraid-node -p nbdraid-raid -p nbdraid-cli)
 fi
 
-# The command as typed, for the report (array.py also sees --bin-dir).
+# The command as typed, for the report (arraybench.py also sees --bin-dir).
 ARRAY_SH_CMD="deploy/bench/array.sh$(printf ' %q' "$@")"
 export ARRAY_SH_CMD
-exec python3 "$here/array.py" "${bin_dir[@]}" "${args[@]}"
+exec python3 "$here/arraybench.py" "${bin_dir[@]}" "${args[@]}"

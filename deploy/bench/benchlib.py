@@ -1,4 +1,5 @@
-"""What the benchmarks in deploy/bench share (peers.py, client.py, memory.py).
+"""What the benchmarks in deploy/bench share (peers.py, client.py, memory.py,
+arraybench.py, throttle.py).
 
 * Processes: `Proc` starts a process in its own session and stops it only
   by its PID (SIGTERM, bounded wait, SIGKILL, then any descendants left);
@@ -12,8 +13,13 @@
 * CPU accounting from /proc: a process tree's CPU ticks
   (`tree_cpu_ticks`), the machine's busy cores (`sys_cpu`, `busy_cores`),
   this script's own CPU (`self_cpu`), and `wait_quiet` before a run.
-* fio: `fio_nbd_cmd` (the --ioengine=nbd command line), `run_fio_json`
-  and `read_fio_job` (its JSON output).
+  Memory: `status_kib` (a /proc/PID/status field: VmHWM, RssAnon...).
+* Metrics: `scrape_metrics` (a daemon's Prometheus endpoint) and
+  `prom_samples` (one metric's samples with their labels).
+* fio: `fio_nbd_cmd` (the --ioengine=nbd command line, one job),
+  `fio_nbd_jobs_cmd` (several jobs, one report per job), `run_fio_json`,
+  `read_fio_job` and `read_fio_jobs` (its JSON output), `fio_stats`
+  (throughput and latency percentiles of one job).
 
 Standard library only; every wait is bounded.
 """
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
@@ -211,6 +218,18 @@ def busy_cores(a, b):
         out[k] = n - (sb[k][0] - sa[k][0]) / CLK_TCK / wall
     out["steal"] = (sb["cpu"][1] - sa["cpu"][1]) / CLK_TCK / wall
     return out
+
+
+def status_kib(pid, field):
+    """A /proc/PID/status field in KiB ("VmHWM:", "RssAnon:"...), None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def self_cpu():
@@ -421,6 +440,42 @@ def start_nbdkit(prefix, args, logpath, timeout=30):
 
 
 # --------------------------------------------------------------------------
+# Metrics
+
+
+def scrape_metrics(addr, timeout=5):
+    """The Prometheus text of the daemon whose metrics endpoint is `addr`."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=timeout) as r:
+        return r.read().decode()
+
+
+def prom_samples(text, metric):
+    """[(labels dict, value)] of `metric` (exactly that name) in Prometheus text."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(metric):
+            continue
+        rest = line[len(metric):]
+        if rest[:1] == "{":
+            close = rest.rfind("}")
+            labels, value = rest[1:close], rest[close + 1:]
+            lab = {}
+            for kv in labels.split('",'):
+                if "=" in kv:
+                    k, v = kv.split("=", 1)
+                    lab[k.strip().lstrip(",")] = v.strip().strip('"')
+        elif rest[:1] == " ":
+            lab, value = {}, rest
+        else:
+            continue  # a longer name with the same prefix
+        try:
+            out.append((lab, float(value.split()[0])))
+        except (ValueError, IndexError):
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------
 # fio
 
 
@@ -436,15 +491,59 @@ def fio_nbd_cmd(name, uri, out, runtime, rw, bs, iodepth, numjobs=1, norandommap
     return cmd + ["--output-format=json", f"--output={out}"] + list(extra)
 
 
-def read_fio_job(path):
-    """The first job of fio's JSON in `path` (fio may print a line before the
-    JSON).  Raises OSError or ValueError when there is none."""
+def fio_nbd_jobs_cmd(uri, out, runtime, jobs, norandommap=True, extra=()):
+    """fio --ioengine=nbd against `uri` running several jobs at once, time
+    based (`runtime` seconds), each job its own group (so its own report in
+    the JSON written to `out`).  A job is a dict: name, rw, bs, iodepth and
+    optionally numjobs (connections, reported together) and extra (a list of
+    fio options for that job only); `extra` applies to all jobs."""
+    cmd = ["fio", "--ioengine=nbd", f"--uri={uri}", "--group_reporting", "--time_based",
+           f"--runtime={int(runtime * 1000)}ms"]
+    if norandommap:
+        cmd.append("--norandommap")
+    cmd += ["--output-format=json", f"--output={out}"] + list(extra)
+    for k, j in enumerate(jobs):
+        cmd += [f"--name={j['name']}"] + (["--new_group"] if k else []) + [
+            f"--rw={j['rw']}", f"--bs={j['bs']}", f"--iodepth={j['iodepth']}",
+            f"--numjobs={j.get('numjobs', 1)}"] + list(j.get("extra", ()))
+    return cmd
+
+
+def read_fio_jobs(path):
+    """Every job (group, with group_reporting) of fio's JSON in `path` (fio
+    may print a line before the JSON).  Raises OSError or ValueError when
+    there is none."""
     with open(path) as f:
         raw = f.read()
     try:
-        return json.loads(raw[raw.index("{"):])["jobs"][0]
+        jobs = json.loads(raw[raw.index("{"):])["jobs"]
+        jobs[0]  # noqa: B018 (at least one)
+        return jobs
     except (KeyError, IndexError, TypeError) as e:
         raise ValueError(f"no job in fio's JSON: {e!r}")
+
+
+def read_fio_job(path):
+    """The first job of fio's JSON in `path`.  Raises OSError or ValueError
+    when there is none."""
+    return read_fio_jobs(path)[0]
+
+
+def fio_stats(job):
+    """Per direction that did I/O ("read", "write"): I/Os, IOPS, bytes/s and
+    completion latency percentiles (us) of one fio job from its JSON."""
+    out = {}
+    for d in ("read", "write"):
+        s = job[d]
+        if s["total_ios"] == 0:
+            continue
+        pct = s["clat_ns"].get("percentile", {})
+        out[d] = {"ios": s["total_ios"], "iops": s["iops"], "bytes_per_s": s["bw_bytes"],
+                  "p50_us": pct.get("50.000000", 0) / 1e3,
+                  "p99_us": pct.get("99.000000", 0) / 1e3,
+                  "p999_us": pct.get("99.900000", 0) / 1e3,
+                  "max_us": s["clat_ns"]["max"] / 1e3, "mean_us": s["clat_ns"]["mean"] / 1e3}
+    return out
 
 
 def run_fio_json(cmd, out, timeout):
@@ -463,3 +562,4 @@ def run_fio_json(cmd, out, timeout):
     if rc != 0 or job.get("error"):
         raise RuntimeError(f"fio exit {rc}, error {job.get('error')}: {text[-500:]}")
     return job, cpu, wall
+

@@ -60,38 +60,27 @@ then the nodes), on success, error, Ctrl-C or SIGTERM.  Standard library
 only; the helpers come from benchlib.py, the rows from peers.py.
 """
 
-import os
-import sys
-
-# This file shares its name with the standard library's `array`, which
-# `socket` (and so urllib, subprocess users) imports: take this directory
-# off the front of sys.path before anything imports it, load the real
-# module, and put the directory back at the end for benchlib and peers.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-import array as _stdlib_array  # noqa: E402  (now cached in sys.modules)
-assert hasattr(_stdlib_array, "typecodes"), "the standard library's array module"
-sys.path.append(_HERE)
-
-import argparse  # noqa: E402
+import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-import urllib.request
 
-from benchlib import (CLK_TCK, Proc, busy_cores, fill_random,  # noqa: E402
+from benchlib import (CLK_TCK, Proc, busy_cores, fill_random,
                       first_line, fmt_k, git_state, listening_port, log, log_tail, parse_size,
-                      raise_on_signals, read_fio_job, run_child, self_cpu,
-                      start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks, wait_quiet)
-import peers  # noqa: E402  (the node benchmark's fio rows and fio runner)
+                      prom_samples, raise_on_signals, read_fio_job, run_child, scrape_metrics,
+                      self_cpu, start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks,
+                      wait_quiet)
+import peers  # (the node benchmark's fio rows and fio runner)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 BINARIES = ("nbdraid-node", "nbdraid-array", "nbdraid")
@@ -102,18 +91,25 @@ BINARIES = ("nbdraid-node", "nbdraid-array", "nbdraid")
 
 
 class Config:
-    """One thing served to fio: the direct node, an array, or a quorum."""
+    """One thing served to fio: the direct node, an array, or a quorum.
 
-    def __init__(self, name, kind, members, level=None, copies=1, fail=None, desc=""):
+    `base` names the configuration whose volumes, array (and its name) this
+    one serves (default: its own), so two configurations can serve the same
+    array with different daemon settings; `toml` is put at the top of the
+    array daemon's configuration file (e.g. a `[members]` table)."""
+
+    def __init__(self, name, kind, members, level=None, copies=1, fail=None, desc="",
+                 base=None, toml=""):
         self.name, self.kind, self.members, self.level = name, kind, members, level
         self.copies, self.fail, self.desc = copies, fail, desc
+        self.array, self.toml = base or name, toml
 
     @property
     def reads_only(self):
         return self.fail is not None
 
     def volume(self, i):
-        return "direct" if self.kind == "node" else f"{self.name}-{i}"
+        return "direct" if self.kind == "node" else f"{self.array}-{i}"
 
 
 CONFIGS = [
@@ -254,25 +250,19 @@ def goal_for(cfg, model, read_frac):
 def node_metrics(addr):
     """{(export, op): count} of nbdraid_requests_total from a node's /metrics."""
     out = {}
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
-        if not line.startswith("nbdraid_requests_total{"):
-            continue
-        labels, _, value = line.rpartition(" ")
-        lab = dict(kv.split("=", 1) for kv in labels[labels.index("{") + 1:-1].split(","))
-        key = (lab.get("export", "").strip('"'), lab.get("op", "").strip('"'))
-        out[key] = out.get(key, 0) + float(value)
+    for lab, value in prom_samples(scrape_metrics(addr), "nbdraid_requests_total"):
+        key = (lab.get("export", ""), lab.get("op", ""))
+        out[key] = out.get(key, 0) + value
     return out
 
 
 class Node:
     def __init__(self, ctx, cfg, i):
         self.ctx, self.cfg, self.i = ctx, cfg, i
-        self.dir = os.path.join(ctx.workdir, "data", cfg.name, f"node{i}")
+        self.dir = os.path.join(ctx.workdir, "data", cfg.array, f"node{i}")
         self.volume = cfg.volume(i)
         self.log = os.path.join(ctx.workdir, "logs", f"{cfg.name}-node{i}.log")
-        self.proc = self.port = self.metrics = None
+        self.proc = self.port = self.metrics = self.grpc = None
 
     @property
     def backing(self):
@@ -282,10 +272,19 @@ class Node:
     def uri(self):
         return f"nbd://127.0.0.1:{self.port}/{self.volume}"
 
-    def start(self):
+    @property
+    def member_uri(self):
+        """The URI an array names this volume by: with `?grpc=` when the node
+        serves gRPC (--node-arg=--grpc-listen=...), so the array leases a
+        grant there."""
+        return self.uri + (f"?grpc={self.grpc}" if self.grpc else "")
+
+    def start(self, prefix=()):
+        """`prefix` goes before the command (it must exec the rest, as
+        taskset and a cgroup wrapper do, so the PID stays the node's)."""
         os.makedirs(self.dir, exist_ok=True)
         ready = os.path.join(self.dir, "ready.json")
-        cmd = taskset(self.ctx.server_cpus) + [
+        cmd = list(prefix) + taskset(self.ctx.server_cpus) + [
             self.ctx.bins["nbdraid-node"], "--listen", "127.0.0.1:0",
             "--metrics-listen", "127.0.0.1:0", "--data-dir", self.dir,
             "--volume", f"{self.volume}:{self.ctx.member_size_spec}",
@@ -293,6 +292,17 @@ class Node:
         self.proc, info = start_with_ready_file(cmd, ready, self.log)
         self.port = int(info["nbd"].rsplit(":", 1)[1])
         self.metrics = info.get("metrics")
+        self.grpc = info.get("grpc")
+
+    def set_fault(self, *args):
+        """`nbdraid node fault VOLUME ARGS` (fault-injection builds only)."""
+        r = subprocess.run([self.ctx.bins["nbdraid"], "node", "fault", self.volume,
+                            "--node", self.grpc] + list(args),
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"node{self.i}: nbdraid node fault {' '.join(args)} failed "
+                               f"(needs a node built with --features fault-injection): "
+                               f"{(r.stderr or r.stdout).strip()[:300]}")
 
     def requests(self):
         """{op: count} this node served on its volume (None if unavailable)."""
@@ -311,22 +321,23 @@ class Node:
 
 
 class Cell:
-    """The processes of one configuration: its nodes and its layer."""
+    """The processes of one configuration: its nodes and its layer.
+    `prefix` goes before every server's command (see Node.start)."""
 
-    def __init__(self, ctx, cfg):
-        self.ctx, self.cfg = ctx, cfg
+    def __init__(self, ctx, cfg, prefix=()):
+        self.ctx, self.cfg, self.prefix = ctx, cfg, list(prefix)
         self.nodes = [Node(ctx, cfg, i) for i in range(cfg.members)]
         self.layer = None  # Proc of nbdraid-array or qemu-storage-daemon
-        self.port = self.grpc = None
+        self.port = self.grpc = self.metrics = None
         self.killed = []
         self.log = os.path.join(ctx.workdir, "logs", f"{cfg.name}-layer.log")
-        self.array_dir = os.path.join(ctx.workdir, "data", cfg.name, "array")
+        self.array_dir = os.path.join(ctx.workdir, "data", cfg.array, "array")
 
     @property
     def uri(self):
         if self.cfg.kind == "node":
             return self.nodes[0].uri
-        return f"nbd://127.0.0.1:{self.port}/{self.cfg.name}"
+        return f"nbd://127.0.0.1:{self.port}/{self.cfg.array}"
 
     def live_nodes(self):
         return [n for n in self.nodes if n.proc is not None and n not in self.killed]
@@ -334,9 +345,11 @@ class Cell:
     def start(self, prefill=False):
         try:
             for n in self.nodes:
-                n.start()
+                n.start(self.prefix)
             if self.cfg.kind == "array":
                 self._start_array()
+                if any(n.grpc for n in self.nodes):
+                    self.wait_leases()
             elif self.cfg.kind == "quorum":
                 self._start_quorum()
             size = peers.probe_size(self.uri, 30)
@@ -350,21 +363,23 @@ class Cell:
     def _start_array(self):
         os.makedirs(self.array_dir, exist_ok=True)
         conf = os.path.join(self.array_dir, "array.toml")
-        members = ", ".join(f'"{n.uri}"' for n in self.nodes)
+        members = ", ".join(f'"{n.member_uri}"' for n in self.nodes)
         extra = f"copies = {self.cfg.copies}\n" if self.cfg.level == "raid10" else ""
         chunk = "" if self.cfg.level == "raid1" else f'chunk = "{self.ctx.chunk_spec}"\n'
         with open(conf, "w") as f:
-            f.write(f'# written by deploy/bench/array.py for one cell\n[[array]]\n'
-                    f'name = "{self.cfg.name}"\nlevel = "{self.cfg.level}"\n{chunk}{extra}'
+            f.write(f'# written by deploy/bench/arraybench.py for one cell\n{self.cfg.toml}\n'
+                    f'[[array]]\n'
+                    f'name = "{self.cfg.array}"\nlevel = "{self.cfg.level}"\n{chunk}{extra}'
                     f'members = [{members}]\n')
         ready = os.path.join(self.array_dir, "ready.json")
-        cmd = taskset(self.ctx.server_cpus) + [
+        cmd = self.prefix + taskset(self.ctx.server_cpus) + [
             self.ctx.bins["nbdraid-array"], "--config", conf, "--listen", "127.0.0.1:0",
             "--grpc-listen", "127.0.0.1:0", "--data-dir", self.array_dir,
             "--ready-file", ready] + self.ctx.array_args
         self.layer, info = start_with_ready_file(cmd, ready, self.log)
         self.port = int(info["nbd"].rsplit(":", 1)[1])
         self.grpc = info.get("grpc")
+        self.metrics = info.get("metrics")
 
     def _start_quorum(self):
         children = [{"driver": "nbd", "export": n.volume,
@@ -391,7 +406,7 @@ class Cell:
         if self.cfg.kind != "array" or not self.grpc:
             return None
         try:
-            r = subprocess.run([self.ctx.bins["nbdraid"], "array", "status", self.cfg.name,
+            r = subprocess.run([self.ctx.bins["nbdraid"], "array", "status", self.cfg.array,
                                 "--array", self.grpc, "--json"],
                                capture_output=True, text=True, timeout=15)
             if r.returncode != 0:
@@ -399,6 +414,53 @@ class Cell:
             return json.loads(r.stdout)
         except (OSError, ValueError, subprocess.TimeoutExpired) as e:
             return {"error": str(e)}
+
+    def throttle_show(self):
+        """`nbdraid throttle show --array GRPC --json` (None if it fails)."""
+        try:
+            r = subprocess.run([self.ctx.bins["nbdraid"], "throttle", "show", "--array", self.grpc,
+                                "--json"], capture_output=True, text=True, timeout=15)
+            return json.loads(r.stdout) if r.returncode == 0 else None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return None
+
+    def wait_leases(self, timeout=60):
+        """Waits until the array holds its lease (foreground and background)
+        at every member that serves gRPC; returns `throttle show`'s JSON."""
+        want = 2 * sum(1 for n in self.nodes if n.grpc)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.throttle_show() or {}
+            held = [g for g in m.get("members", []) if g.get("lease_held")]
+            if len(held) >= want:
+                return m
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the array holds {len(held)} of {want} member leases after "
+                                   f"{timeout}s: {json.dumps(m)[:400]}")
+            time.sleep(0.1)
+
+    def layer_waits(self):
+        """{grant_waits, grant_wait_s, throttle_waits} so far, from the array
+        daemon's metrics (None without a metrics endpoint, see --array-arg):
+        requests that waited for member grants (and how long in total), and
+        for the array's own throttle."""
+        if not self.metrics or not self.layer or not self.layer.running():
+            return None
+        try:
+            text = scrape_metrics(self.metrics)
+        except OSError:
+            return None
+        return {"grant_waits": sum(v for _, v in prom_samples(text, "nbdraid_array_grant_waits")),
+                "grant_wait_s": sum(v for _, v in prom_samples(
+                    text, "nbdraid_array_grant_wait_seconds")),
+                "throttle_waits": sum(v for _, v in prom_samples(
+                    text, "nbdraid_throttle_waits_total"))}
+
+    def member_states(self):
+        """[state of each member slot] from `array status` (None if unknown)."""
+        st = self.status() or {}
+        by_slot = {m.get("slot"): m.get("state") for m in st.get("members", [])}
+        return [by_slot.get(i) for i in range(self.cfg.members)]
 
     def _fail_member(self, i):
         """Kills member i's node (SIGKILL: a crash) and waits until the array
@@ -560,11 +622,13 @@ class Target:  # what peers.run_fio needs
 
 
 def measure(ctx, row, cell):
-    req0 = cell.requests()
+    req0, waits0 = cell.requests(), cell.layer_waits()
     (l0, n0), me0, sys0 = cell.cpu_ticks(), self_cpu(), sys_cpu()
     res = peers.run_fio(ctx, row, Target(cell.uri))
     sys1, (l1, n1), me1 = sys_cpu(), cell.cpu_ticks(), self_cpu()
-    req1 = cell.requests()
+    req1, waits1 = cell.requests(), cell.layer_waits()
+    if waits0 is not None and waits1 is not None:
+        res["layer_waits"] = {k: waits1[k] - waits0[k] for k in waits1}
     cell.check_running()
     res["max_lat_ms"] = fio_max_ms(os.path.join(ctx.workdir, "fio.json"))
     wall = sys1[0] - sys0[0]
@@ -857,35 +921,38 @@ def environment(ctx):
 
 
 class Ctx:
+    """What nodes, cells and measurements read: the settings (defaults here,
+    the command line's from make_ctx), the run's work dir and the private
+    copies of the binaries (private_binaries)."""
+
+    def __init__(self, **kw):
+        self.runtime, self.passes, self.retries = 10.0, 3, 2
+        self.quiet_timeout, self.quiet_sample, self.max_other = 120.0, 0.5, 0.15
+        self.server_cpus, self.client_cpus = "1", "0"
+        self.chunk_spec, self.member_size_spec = "512K", "256M"
+        self.node_args, self.array_args = [], []
+        self.workdir = self.bin_dir = None
+        self.bins = {}
+        self.__dict__.update(kw)
+        self.chunk = parse_size(self.chunk_spec)
+        self.member_size = parse_size(self.member_size_spec)
+
     def client_pin(self):
         return taskset(self.client_cpus)
 
 
-def parse_args(argv):
-    fio_rows = [r for r in peers.ROWS if r.kind == "fio"]
-    p = argparse.ArgumentParser(
-        description="nbdraid-array (RAID 0/1/5/6/10, degraded RAID 5) over local nbdraid-node "
-                    "volumes against the node served directly and qemu's quorum driver: IOPS, "
-                    "MB/s, p99 and CPU per I/O of the array daemon and of the nodes.",
-        epilog="array.sh builds the release binaries first unless given --bin-dir or "
-               "--no-build. Short check: array.sh --passes 1 --runtime 3 "
-               "--rows randread-4k-qd32,randwrite-4k-qd32 --configs raid1,raid5")
+def add_common_args(p, runtime=10.0, passes=3, chunk="512K", member_size="256M",
+                    workdir="/dev/shm"):
+    """The options array.sh shares with the benchmarks built on its cells
+    (throttle.sh)."""
     p.add_argument("--bin-dir", required=True,
                    help="directory holding nbdraid-node, nbdraid-array and nbdraid")
-    p.add_argument("--configs", default="all",
-                   help="comma list of " + ", ".join(CONFIG_BY_NAME) + " or 'all' (direct, "
-                        "the baseline, is always added)")
-    p.add_argument("--rows", default="all", help="comma list of peers.py's fio rows, or 'all' "
-                                                 "(see --list-rows)")
-    p.add_argument("--list-rows", action="store_true")
-    p.add_argument("--list-configs", action="store_true")
-    p.add_argument("--passes", type=int, default=3)
-    p.add_argument("--runtime", type=float, default=10.0, help="seconds per pass (default 10)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 1 s runtime, 1 pass, no retries, short quiet wait")
-    p.add_argument("--chunk", default="512K", help="array chunk size (default 512K)")
-    p.add_argument("--member-size", default="256M",
-                   help="size of every node volume, the direct one included (default 256M)")
+    p.add_argument("--passes", type=int, default=passes, help=f"default {passes}")
+    p.add_argument("--runtime", type=float, default=runtime,
+                   help=f"seconds per pass (default {runtime:g})")
+    p.add_argument("--chunk", default=chunk, help=f"array chunk size (default {chunk})")
+    p.add_argument("--member-size", default=member_size,
+                   help=f"size of every node volume (default {member_size})")
     p.add_argument("--server-cpus", default="1",
                    help="taskset list shared by ALL nodes and the array daemon / qemu "
                         "(default 1; '' = unpinned)")
@@ -899,9 +966,77 @@ def parse_args(argv):
                    help="extra argument for every nbdraid-node (use --node-arg=--flag)")
     p.add_argument("--array-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for nbdraid-array (use --array-arg=--flag)")
-    p.add_argument("--workdir", default="/dev/shm", help="where the temporary dir goes")
+    p.add_argument("--workdir", default=workdir, help=f"where the temporary dir goes "
+                                                      f"(default {workdir})")
     p.add_argument("--keep", action="store_true", help="keep the temporary dir (logs, data)")
     p.add_argument("--json", metavar="FILE", help="write all raw numbers here")
+
+
+def make_ctx(a):
+    """A Ctx from add_common_args' options; exits if a binary is missing."""
+    ctx = Ctx(runtime=a.runtime, passes=a.passes, retries=a.retries,
+              quiet_timeout=a.quiet_timeout, max_other=a.max_other,
+              server_cpus=a.server_cpus, client_cpus=a.client_cpus, chunk_spec=a.chunk,
+              member_size_spec=a.member_size, node_args=list(a.node_arg),
+              array_args=list(a.array_arg), bin_dir=os.path.abspath(a.bin_dir))
+    for b in BINARIES:
+        if not os.access(os.path.join(ctx.bin_dir, b), os.X_OK):
+            sys.exit(f"{b} not found in {ctx.bin_dir}; run via the .sh script or pass --bin-dir")
+    return ctx
+
+
+def private_binaries(ctx):
+    """Copies the binaries into ctx.workdir and points ctx.bins at the
+    copies: a rebuild during the run changes nothing under test."""
+    ctx.bins = {}
+    for b in BINARIES:
+        ctx.bins[b] = os.path.join(ctx.workdir, b)
+        shutil.copy2(os.path.join(ctx.bin_dir, b), ctx.bins[b])
+
+
+def in_workdir(ctx, parent, prefix, keep, fn):
+    """Runs fn() in a new temporary dir under `parent` (ctx.workdir, with
+    logs/ and the private binaries); stops every process started (layers
+    before their nodes) and removes the dir (unless `keep`) however fn ends.
+    Returns fn's result, or 130 after Ctrl-C or SIGTERM."""
+    raise_on_signals()
+    ctx.workdir = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        os.makedirs(os.path.join(ctx.workdir, "logs"))
+        private_binaries(ctx)
+        return fn()
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e}); stopping everything")
+        return 130
+    finally:
+        for p in reversed(list(Proc.registry)):  # the layer before its nodes
+            p.stop(timeout=5)
+        Proc.stop_all()
+        if keep:
+            log(f"kept {ctx.workdir}")
+        else:
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
+
+
+def parse_args(argv):
+    fio_rows = [r for r in peers.ROWS if r.kind == "fio"]
+    p = argparse.ArgumentParser(
+        description="nbdraid-array (RAID 0/1/5/6/10, degraded RAID 5) over local nbdraid-node "
+                    "volumes against the node served directly and qemu's quorum driver: IOPS, "
+                    "MB/s, p99 and CPU per I/O of the array daemon and of the nodes.",
+        epilog="array.sh builds the release binaries first unless given --bin-dir or "
+               "--no-build. Short check: array.sh --passes 1 --runtime 3 "
+               "--rows randread-4k-qd32,randwrite-4k-qd32 --configs raid1,raid5")
+    add_common_args(p)
+    p.add_argument("--configs", default="all",
+                   help="comma list of " + ", ".join(CONFIG_BY_NAME) + " or 'all' (direct, "
+                        "the baseline, is always added)")
+    p.add_argument("--rows", default="all", help="comma list of peers.py's fio rows, or 'all' "
+                                                 "(see --list-rows)")
+    p.add_argument("--list-rows", action="store_true")
+    p.add_argument("--list-configs", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 s runtime, 1 pass, no retries, short quiet wait")
     a = p.parse_args(argv)
     if a.list_rows:
         for r in fio_rows:
@@ -918,13 +1053,7 @@ def parse_args(argv):
 
 def main(argv):
     a, fio_rows = parse_args(argv)
-    ctx = Ctx()
-    ctx.runtime, ctx.passes, ctx.retries = a.runtime, a.passes, a.retries
-    ctx.quiet_timeout, ctx.quiet_sample, ctx.max_other = a.quiet_timeout, 0.5, a.max_other
-    ctx.server_cpus, ctx.client_cpus = a.server_cpus, a.client_cpus
-    ctx.chunk_spec, ctx.chunk = a.chunk, parse_size(a.chunk)
-    ctx.member_size_spec, ctx.member_size = a.member_size, parse_size(a.member_size)
-    ctx.node_args, ctx.array_args = a.node_arg, a.array_arg
+    ctx = make_ctx(a)
     by_name = {r.name: r for r in fio_rows}
     rows = fio_rows if a.rows == "all" else []
     if a.rows != "all":
@@ -940,10 +1069,6 @@ def main(argv):
     if "direct" not in names:
         names.insert(0, "direct")
     configs = [c for c in CONFIGS if c.name in names]
-    ctx.bin_dir = os.path.abspath(a.bin_dir)
-    for b in BINARIES:
-        if not os.access(os.path.join(ctx.bin_dir, b), os.X_OK):
-            sys.exit(f"{b} not found in {ctx.bin_dir}; run via array.sh or pass --bin-dir")
     if any(c.kind == "quorum" for c in configs) and not shutil.which("qemu-storage-daemon"):
         sys.exit("qemu-storage-daemon not found (package qemu-utils)")
     need = sum(c.members for c in configs) * ctx.member_size
@@ -951,28 +1076,8 @@ def main(argv):
     if need > free * 0.9:
         sys.exit(f"the volumes need {need >> 20} MiB in {a.workdir}, {free >> 20} MiB free: "
                  "use fewer --configs or a smaller --member-size")
-
-    raise_on_signals()
-    ctx.workdir = tempfile.mkdtemp(prefix="nbdraid-array-bench.", dir=a.workdir)
-    try:
-        os.makedirs(os.path.join(ctx.workdir, "logs"))
-        # Private copies: a rebuild during the run changes nothing under test.
-        ctx.bins = {}
-        for b in BINARIES:
-            ctx.bins[b] = os.path.join(ctx.workdir, b)
-            shutil.copy2(os.path.join(ctx.bin_dir, b), ctx.bins[b])
-        return run(a, argv, ctx, rows, configs)
-    except KeyboardInterrupt as e:
-        log(f"interrupted ({e}); stopping everything")
-        return 130
-    finally:
-        for p in reversed(list(Proc.registry)):  # the layer before its nodes
-            p.stop(timeout=5)
-        Proc.stop_all()
-        if a.keep:
-            log(f"kept {ctx.workdir}")
-        else:
-            shutil.rmtree(ctx.workdir, ignore_errors=True)
+    return in_workdir(ctx, a.workdir, "nbdraid-array-bench.", a.keep,
+                      lambda: run(a, argv, ctx, rows, configs))
 
 
 def run(a, argv, ctx, rows, configs):
