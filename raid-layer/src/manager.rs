@@ -895,58 +895,7 @@ impl Manager {
                 inner.degraded_slots()
             )));
         }
-        // The new volume: reachable, writable, large enough, not an array's.
-        let config = member_client_config(
-            self.settings.member_connections,
-            self.settings.liveness_timeout,
-        );
-        let client = Client::connect_uri(uri, config).await.map_err(|err| {
-            AdminError::Unavailable(format!("array {name:?}: cannot reach {uri}: {err}"))
-        })?;
-        let info = client.info();
-        let need = member.data_offset + inner.layout.member_data_size();
-        let refuse = |msg: String| async {
-            client.close(Duration::from_millis(10)).await;
-            Err(AdminError::Invalid(msg))
-        };
-        if info.read_only() {
-            return refuse(format!("array {name:?}: {uri} is read-only")).await;
-        }
-        if info.size < need {
-            return refuse(format!(
-                "array {name:?}: {uri} holds {} bytes, less than a member needs ({need})",
-                info.size
-            ))
-            .await;
-        }
-        if info.min_block > 4096 {
-            return refuse(format!(
-                "array {name:?}: {uri} has a {}-byte minimum block; members may have at most 4096",
-                info.min_block
-            ))
-            .await;
-        }
-        match client
-            .read(0, IoBuf::zeroed(2 * SB_SLOT_SIZE as usize))
-            .await
-        {
-            Ok(area) => {
-                let (a, b) = area.split_at(SB_SLOT_SIZE as usize);
-                if let SbRead::Valid { sb, .. } = read_copies(a, b) {
-                    return refuse(format!(
-                        "array {name:?}: {uri} holds slot {} of array {:?} ({}); clear it first if it is no longer needed",
-                        sb.role, sb.array_name, sb.array_uuid
-                    ))
-                    .await;
-                }
-            }
-            Err(err) => {
-                client.close(Duration::from_millis(10)).await;
-                return Err(AdminError::Unavailable(format!(
-                    "array {name:?}: cannot read {uri}: {err}"
-                )));
-            }
-        }
+        let client = self.probe_new_member(&inner, uri).await?;
         // Out with the old member: its rebuild stops, it is recorded
         // failed (writes it would miss are then covered), its clients go.
         let old_uri = member.uri().to_string();
@@ -996,6 +945,60 @@ impl Manager {
         tracing::info!(array = %name, member = slot, old = %old_uri, new = %uri, %why, "member replaced; rebuilding");
         self.spawn_recovery(e, slot, Recovery::From(0));
         Ok(())
+    }
+
+    /// Connects to the volume at `uri` and checks that it can become a
+    /// member of `inner`: reachable, writable, large enough, blocks of at
+    /// most 4 KiB, and no array's superblock on it.
+    async fn probe_new_member(&self, inner: &ArrayInner, uri: &str) -> Result<Client, AdminError> {
+        let name = &inner.name;
+        let config = member_client_config(
+            self.settings.member_connections,
+            self.settings.liveness_timeout,
+        );
+        let client = Client::connect_uri(uri, config).await.map_err(|err| {
+            AdminError::Unavailable(format!("array {name:?}: cannot reach {uri}: {err}"))
+        })?;
+        let info = client.info();
+        let data_offset = inner.members.first().map_or(0, |m| m.data_offset);
+        let need = data_offset + inner.layout.member_data_size();
+        let problem = if info.read_only() {
+            Some(format!("array {name:?}: {uri} is read-only"))
+        } else if info.size < need {
+            Some(format!(
+                "array {name:?}: {uri} holds {} bytes, less than a member needs ({need})",
+                info.size
+            ))
+        } else if info.min_block > 4096 {
+            Some(format!(
+                "array {name:?}: {uri} has a {}-byte minimum block; members may have at most 4096",
+                info.min_block
+            ))
+        } else {
+            match client
+                .read(0, IoBuf::zeroed(2 * SB_SLOT_SIZE as usize))
+                .await
+            {
+                Ok(area) => {
+                    let (a, b) = area.split_at(SB_SLOT_SIZE as usize);
+                    match read_copies(a, b) {
+                        SbRead::Valid { sb, .. } => Some(format!(
+                            "array {name:?}: {uri} holds slot {} of array {:?} ({}); clear it first if it is no longer needed",
+                            sb.role, sb.array_name, sb.array_uuid
+                        )),
+                        _ => None,
+                    }
+                }
+                Err(err) => Some(format!("array {name:?}: cannot read {uri}: {err}")),
+            }
+        };
+        match problem {
+            None => Ok(client),
+            Some(msg) => {
+                client.close(Duration::from_millis(10)).await;
+                Err(AdminError::Invalid(msg))
+            }
+        }
     }
 
     /// Returns the array that has `uri` as a member or spare.
@@ -1457,6 +1460,10 @@ impl ArrayAdmin for Manager {
                     "array {name:?}: {uri} already belongs to array {other:?}"
                 )));
             }
+            self.probe_new_member(e.inner(), &uri)
+                .await?
+                .close(Duration::from_millis(10))
+                .await;
             lock(&e.spares).push(uri.clone());
             self.persist_spec(&e, None)?;
             tracing::info!(array = %name, spare = %uri, "spare added");

@@ -13,11 +13,10 @@
 //! Every daemon runs with `[members] liveness-timeout-ms = 2000`, so a
 //! frozen member is detected quickly; hang detectors stay generous.
 
-use std::path::Path;
-use std::process::{ExitStatus, Output};
+use std::process::Output;
 
 use nbdraid_tests::{
-    ArrayDaemon, Background, Cluster, array_entry, assert_files_equal, hang, require_tools, run,
+    ArrayDaemon, Cluster, FioRun, array_entry, assert_files_equal, hang, require_tools, run,
     run_ok, scratch_dir, show, tool, write_pattern_file,
 };
 use serde_json::Value;
@@ -27,94 +26,6 @@ const SETTINGS: &str = "[members]\nliveness-timeout-ms = 2000\n";
 
 fn config(arrays: &[String]) -> String {
     format!("{SETTINGS}\n{}", arrays.join("\n"))
-}
-
-/// A fio run (NBD engine) in the background, its JSON report in a file.
-struct Fio {
-    what: String,
-    bg: Background,
-    json: std::path::PathBuf,
-}
-
-/// What a finished fio run reported.
-struct FioReport {
-    what: String,
-    status: ExitStatus,
-    stderr: String,
-    json: Value,
-}
-
-impl Fio {
-    fn start(what: &str, uri: &str, dir: &Path, args: &[&str]) -> Fio {
-        let json = dir.join(format!("{what}.json"));
-        let mut c = tool("fio");
-        // fio drops *-verify.state files into its working directory.
-        c.current_dir(dir)
-            .args(["--ioengine=nbd", "--output-format=json"])
-            .arg(format!("--uri={uri}"))
-            .arg(format!("--output={}", json.display()))
-            .arg(format!("--name={what}"))
-            .args(args);
-        Fio {
-            what: what.to_string(),
-            bg: Background::spawn(&mut c),
-            json,
-        }
-    }
-
-    fn finish(mut self) -> FioReport {
-        let status = self.bg.wait(hang(600));
-        let text = std::fs::read_to_string(&self.json).unwrap_or_default();
-        // fio may print notices before the JSON document.
-        let json = text
-            .find('{')
-            .and_then(|i| serde_json::from_str(&text[i..]).ok())
-            .unwrap_or(Value::Null);
-        FioReport {
-            what: self.what,
-            status,
-            stderr: self.bg.stderr(),
-            json,
-        }
-    }
-}
-
-impl FioReport {
-    /// Asserts exit status 0, no job error and no verification complaint.
-    fn assert_clean(&self) {
-        let what = &self.what;
-        assert!(
-            self.status.success(),
-            "{what}: fio failed: {}\n{}\n{:#}",
-            self.status,
-            self.stderr,
-            self.json
-        );
-        let jobs = self.json["jobs"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{what}: no JSON jobs: {}", self.stderr));
-        assert!(!jobs.is_empty(), "{what}: no jobs");
-        for job in jobs {
-            assert_eq!(job["error"], 0, "{what}: job error: {job:#}");
-        }
-        assert!(
-            !self.stderr.contains("verify:") && !self.stderr.contains("bad magic"),
-            "{what}: {}",
-            self.stderr
-        );
-    }
-
-    /// Bytes moved in direction `dir` ("read" or "write").
-    fn bytes(&self, dir: &str) -> u64 {
-        self.json["jobs"]
-            .as_array()
-            .map(|jobs| {
-                jobs.iter()
-                    .map(|j| j[dir]["io_bytes"].as_u64().unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
 }
 
 /// Writes the members of `status`'s array completed so far.
@@ -269,12 +180,12 @@ fn fio_verifies_through_member_node_kills() {
         }
     }
 
-    let mut runs: Vec<Fio> = arrays
+    let mut runs: Vec<FioRun> = arrays
         .iter()
         .map(|(name, _, _)| {
             let mut args = FIO_JOB.to_vec();
             args.push("--do_verify=1");
-            Fio::start(name, &array.uri(name), dir.path(), &args)
+            FioRun::start(name, &array.uri(name), dir.path(), &args)
         })
         .collect();
     // Wait until every array has been written to, then take the nodes down.
@@ -282,7 +193,7 @@ fn fio_verifies_through_member_node_kills() {
     wait_member_writes(&array, &names, 64);
     for (run, (name, _, _)) in runs.iter_mut().zip(&arrays) {
         assert!(
-            run.bg.is_running(),
+            run.is_running(),
             "fio on {name} finished before the first node was killed: the test tested nothing"
         );
     }
@@ -290,7 +201,7 @@ fn fio_verifies_through_member_node_kills() {
     // The second loss only after the first is recorded (RAID 6 degraded).
     assert_degraded(&array, "r6", &[0]);
     assert!(
-        runs[3].bg.is_running(),
+        runs[3].is_running(),
         "fio on r6 finished before the second node was killed"
     );
     cluster.nodes[1].kill9();
@@ -322,12 +233,12 @@ fn fio_verifies_through_member_node_kills() {
             node.set_fault(&volume(name), &["--clear"]);
         }
     }
-    let verifies: Vec<Fio> = arrays
+    let verifies: Vec<FioRun> = arrays
         .iter()
         .map(|(name, _, _)| {
             let mut args = FIO_JOB.to_vec();
             args.push("--verify_only");
-            Fio::start(name, &array.uri(name), dir.path(), &args)
+            FioRun::start(name, &array.uri(name), dir.path(), &args)
         })
         .collect();
     for v in verifies {
@@ -359,10 +270,10 @@ fn frozen_member_is_failed_by_liveness_timeout() {
     }
     let mut args = FIO_JOB.to_vec();
     args.push("--do_verify=1");
-    let mut run = Fio::start("r5", &array.uri("r5"), dir.path(), &args);
+    let mut run = FioRun::start("r5", &array.uri("r5"), dir.path(), &args);
     wait_member_writes(&array, &["r5"], 64);
     assert!(
-        run.bg.is_running(),
+        run.is_running(),
         "fio finished before the member was frozen: the test tested nothing"
     );
     cluster.nodes[2].freeze();
@@ -412,7 +323,7 @@ fn frozen_member_is_failed_by_liveness_timeout() {
     assert_eq!(array.status("r5")["check"]["mismatches"], 0);
     let mut args = FIO_JOB.to_vec();
     args.push("--verify_only");
-    let report = Fio::start("r5", &array.uri("r5"), dir.path(), &args).finish();
+    let report = FioRun::start("r5", &array.uri("r5"), dir.path(), &args).finish();
     report.assert_clean();
     assert_eq!(report.bytes("read"), FIO_SIZE, "{}", report.json);
     assert!(array.is_running(), "the array daemon died");

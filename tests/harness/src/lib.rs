@@ -46,7 +46,7 @@ pub use daemon::{DaemonProc, Ready, http_get};
 pub use data::{
     assert_files_equal, assert_same, parse_size, pattern, scratch_dir, write_pattern_file,
 };
-pub use fio::{assert_fio_clean, fio, fio_io_bytes};
+pub use fio::{FioReport, FioRun, assert_fio_clean, fio, fio_io_bytes};
 pub use fuse::{NbdFuse, can_loop_mount};
 pub use node::{Backend, Node, NodeBuilder, backend, backend_is_node};
 pub use peers::Peer;
