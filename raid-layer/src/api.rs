@@ -156,6 +156,12 @@ pub struct CheckReport {
     pub first_mismatches: Vec<u64>,
     /// Member read errors met (the member was failed).
     pub errors: u64,
+    /// Units rewritten (a repair).
+    #[serde(default)]
+    pub repaired: u64,
+    /// Whether this is a repair, not a read-only check.
+    #[serde(default)]
+    pub repair: bool,
 }
 
 /// Errors of admin operations; the gRPC layer maps each to one status code.
@@ -206,9 +212,9 @@ pub trait ArrayAdmin: Send + Sync + 'static {
     fn status(&self, name: &str) -> Result<ArrayStatus, AdminError>;
     /// Re-adds a failed member (by slot) and resyncs it from the bitmap.
     fn re_add(&self, name: &str, slot: usize) -> BoxFuture<'_, Result<ArrayStatus, AdminError>>;
-    /// Starts a check (read every stripe, verify parity or copies) and
-    /// returns at once; progress shows in status.
-    fn check(&self, name: &str) -> Result<CheckReport, AdminError>;
+    /// Starts a check (read every stripe, verify parity or copies), or a
+    /// repair, and returns at once; progress shows in status.
+    fn check(&self, name: &str, repair: bool) -> Result<CheckReport, AdminError>;
     /// Gives member `slot`'s place to the volume at `uri` and rebuilds it
     /// there while the array serves.
     fn replace(

@@ -113,6 +113,8 @@ pub fn check_to_proto(c: CheckReport) -> grpc::CheckReport {
         mismatches: c.mismatches,
         first_mismatches: c.first_mismatches,
         errors: c.errors,
+        repaired: c.repaired,
+        repair: c.repair,
     }
 }
 
@@ -127,6 +129,8 @@ pub fn check_from_proto(c: grpc::CheckReport) -> Result<CheckReport, AdminError>
         mismatches: c.mismatches,
         first_mismatches: c.first_mismatches,
         errors: c.errors,
+        repaired: c.repaired,
+        repair: c.repair,
     })
 }
 
@@ -263,7 +267,8 @@ impl array_server::Array for ArrayService {
         &self,
         req: Request<grpc::CheckRequest>,
     ) -> Result<Response<grpc::CheckReport>, Status> {
-        let report = self.admin.check(&req.into_inner().name)?;
+        let r = req.into_inner();
+        let report = self.admin.check(&r.name, r.repair)?;
         Ok(Response::new(check_to_proto(report)))
     }
 
@@ -366,6 +371,8 @@ mod tests {
                 mismatches: 2,
                 first_mismatches: vec![17, 99],
                 errors: 1,
+                repaired: 0,
+                repair: false,
             }),
             export: "r6".into(),
             spares: vec!["nbd://n9:10809/v".into()],
@@ -482,7 +489,7 @@ mod tests {
             self.re_added.lock().unwrap().push((name.into(), slot));
             Box::pin(async { Err(AdminError::Refused("member 2 is active".into())) })
         }
-        fn check(&self, name: &str) -> Result<CheckReport, AdminError> {
+        fn check(&self, name: &str, _repair: bool) -> Result<CheckReport, AdminError> {
             self.status(name)?
                 .check
                 .ok_or_else(|| AdminError::Internal("no check".into()))
@@ -581,7 +588,10 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert_eq!(fake.re_added.lock().unwrap()[0], ("r6".to_string(), 2));
         let c = svc
-            .check(Request::new(grpc::CheckRequest { name: "r6".into() }))
+            .check(Request::new(grpc::CheckRequest {
+                name: "r6".into(),
+                repair: false,
+            }))
             .await
             .unwrap()
             .into_inner();

@@ -1427,6 +1427,8 @@ fn check_report(t: &Tally) -> CheckReport {
         mismatches: t.mismatches.load(Ordering::Relaxed),
         first_mismatches: lock(&t.first).clone(),
         errors: 0,
+        repaired: t.repaired.load(Ordering::Relaxed),
+        repair: t.kind == "repair",
     }
 }
 
@@ -1563,18 +1565,33 @@ impl ArrayAdmin for Manager {
         })
     }
 
-    fn check(&self, name: &str) -> Result<CheckReport, AdminError> {
+    fn check(&self, name: &str, repair: bool) -> Result<CheckReport, AdminError> {
         let e = self.entry(name)?;
         {
             let current = lock(&e.check);
             if let Some(t) = current.as_ref()
                 && !t.finished.load(Ordering::Acquire)
             {
+                if repair != (t.kind == "repair") {
+                    return Err(AdminError::Refused(format!(
+                        "array {name:?}: a {} is running; wait for it to finish",
+                        t.kind
+                    )));
+                }
                 return Ok(check_report(t));
             }
         }
         let inner = e.inner().clone();
-        let tally = Tally::new("check", inner.layout.member_data_size());
+        if repair && inner.is_degraded() {
+            return Err(AdminError::Refused(format!(
+                "array {name:?} is degraded (members {:?} are out): a repair needs every member in sync \
+                 to tell which copy or chunk is right",
+                inner.degraded_slots()
+            )));
+        }
+        let kind = if repair { "repair" } else { "check" };
+        let pass = if repair { Pass::Repair } else { Pass::Check };
+        let tally = Tally::new(kind, inner.layout.member_data_size());
         *lock(&e.check) = Some(tally.clone());
         let rate = e.rate.clone();
         let entry = e.clone();
@@ -1589,8 +1606,8 @@ impl ArrayAdmin for Manager {
                     break;
                 }
                 let rows = at..(at + step).min(size);
-                if let Err(err) = inner.sync_rows(rows, Pass::Check, &tally, &mut pacer).await {
-                    tracing::error!(array = %inner.name, error = %err, "check stopped");
+                if let Err(err) = inner.sync_rows(rows, pass, &tally, &mut pacer).await {
+                    tracing::error!(array = %inner.name, error = %err, "{kind} stopped");
                     break;
                 }
                 at += step;
@@ -1599,8 +1616,9 @@ impl ArrayAdmin for Manager {
             tracing::info!(
                 array = %inner.name,
                 mismatches = tally.mismatches.load(Ordering::Relaxed),
+                repaired = tally.repaired.load(Ordering::Relaxed),
                 secs = tally.started.elapsed().as_secs_f64(),
-                "check finished"
+                "{kind} finished"
             );
         });
         Ok(report)

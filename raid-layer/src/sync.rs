@@ -41,6 +41,12 @@ pub enum Pass {
     Recover(usize),
     /// Count disagreements.
     Check,
+    /// Count disagreements and fix them: RAID 1/10 from the copy most
+    /// copies agree on (the first in-sync copy when none has a majority),
+    /// RAID 5 by rewriting parity, RAID 6 by rewriting the one chunk the P
+    /// and Q syndromes point at (P and Q when they point at none). A unit
+    /// found inconsistent is read again before it is repaired.
+    Repair,
 }
 
 /// The running count of a pass, readable while it runs.
@@ -56,6 +62,8 @@ pub struct Tally {
     pub written: AtomicU64,
     /// Units that disagreed (check and resync).
     pub mismatches: AtomicU64,
+    /// Units repaired (repair).
+    pub repaired: AtomicU64,
     /// The first mismatching units.
     pub first: std::sync::Mutex<Vec<u64>>,
     /// When it started.
@@ -73,6 +81,7 @@ impl Tally {
             total: AtomicU64::new(total),
             written: AtomicU64::new(0),
             mismatches: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
             first: std::sync::Mutex::new(Vec::new()),
             started: Instant::now(),
             finished: Default::default(),
@@ -300,29 +309,52 @@ impl ArrayInner {
                 self.write_unit(slot, stripe.member_offset(0), bytes, tally)
                     .await
             }
-            Pass::Resync | Pass::Check => {
-                let mut p = self.buffer(chunk as usize);
-                let mut q = self.buffer(chunk as usize);
-                let ok = match redundancy {
-                    Redundancy::P => {
-                        parity::gen_p(&col[..k], &mut p)
-                            .map_err(|e| IoError::eio("parity", &self.name, e.to_string()))?;
-                        p[..] == col[k][..]
-                    }
-                    Redundancy::PQ => {
-                        parity::gen_pq(&col[..k], &mut p, &mut q)
-                            .map_err(|e| IoError::eio("parity", &self.name, e.to_string()))?;
-                        p[..] == col[k][..] && q[..] == col[k + 1][..]
-                    }
-                };
-                if ok {
+            Pass::Resync | Pass::Check | Pass::Repair => {
+                let (mut p, mut q) = (self.buffer(chunk as usize), self.buffer(chunk as usize));
+                if self.parity_agrees(redundancy, &col, k, &mut p, &mut q)? {
                     return Ok(());
+                }
+                let mut col = col;
+                if pass == Pass::Repair {
+                    // Read again before repairing: only what is still wrong
+                    // is touched (under the stripe's lock nothing writes it,
+                    // so this guards the lock-free paths, not the locked ones).
+                    col = self.read_column(s, 0..chunk).await?;
+                    if self.parity_agrees(redundancy, &col, k, &mut p, &mut q)? {
+                        return Ok(());
+                    }
                 }
                 tally.mismatch(s);
                 if pass == Pass::Check {
                     return Ok(());
                 }
                 let off = stripe.member_offset(0);
+                if pass == Pass::Repair && redundancy == Redundancy::PQ {
+                    let located = parity::locate_single_error(&col[..k], &col[k], &col[k + 1])
+                        .map_err(|e| IoError::eio("parity", &self.name, e.to_string()))?;
+                    if let Some(parity::Located::Data(z)) = located
+                        && let Some(member) = stripe.data_member(z)
+                    {
+                        // D_z = P xor the other data chunks.
+                        let mut fixed = self.buffer(chunk as usize);
+                        fixed.copy_from_slice(&col[k]);
+                        for (i, d) in col[..k].iter().enumerate() {
+                            if i != z {
+                                for (f, b) in fixed.iter_mut().zip(d.iter()) {
+                                    *f ^= *b;
+                                }
+                            }
+                        }
+                        tracing::warn!(array = %self.name, stripe = s, data_index = z, member, "repair: one data chunk was wrong; rewritten from P and the other data");
+                        self.write_unit(member, off, Bytes::from_owner(fixed), tally)
+                            .await?;
+                        tally.repaired.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    if located.is_none() {
+                        tracing::warn!(array = %self.name, stripe = s, "repair: more than one chunk disagrees; parity rewritten from the data");
+                    }
+                }
                 if self.members[stripe.p_member()].writable() && p[..] != col[k][..] {
                     self.write_unit(stripe.p_member(), off, Bytes::from_owner(p), tally)
                         .await?;
@@ -334,9 +366,35 @@ impl ArrayInner {
                     self.write_unit(qm, off, Bytes::from_owner(q), tally)
                         .await?;
                 }
+                if pass == Pass::Repair {
+                    tally.repaired.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(())
             }
         }
+    }
+
+    /// Computes P (and Q) of `col`'s data into `p` and `q`; reports whether
+    /// the stripe's own parity agrees.
+    fn parity_agrees<B: AsRef<[u8]>>(
+        &self,
+        redundancy: Redundancy,
+        col: &[B],
+        k: usize,
+        p: &mut [u8],
+        q: &mut [u8],
+    ) -> Result<bool, IoError> {
+        let err = |e: parity::ParityError| IoError::eio("parity", &self.name, e.to_string());
+        Ok(match redundancy {
+            Redundancy::P => {
+                parity::gen_p(&col[..k], p).map_err(err)?;
+                p[..] == col[k].as_ref()[..]
+            }
+            Redundancy::PQ => {
+                parity::gen_pq(&col[..k], p, q).map_err(err)?;
+                p[..] == col[k].as_ref()[..] && q[..] == col[k + 1].as_ref()[..]
+            }
+        })
     }
 
     /// One mirrored unit: array bytes `[offset, offset+len)` (RAID 1) or
@@ -381,18 +439,28 @@ impl ArrayInner {
             }
         };
         let src = Bytes::from_owner(src);
+        if pass == Pass::Repair {
+            return self
+                .repair_copies(piece.len, unit, &locs, primary, src, tally)
+                .await;
+        }
+        // A unit whose copies disagree counts once, however many differ.
+        let mut counted = false;
         for l in locs.iter().filter(|l| l.member != primary.member) {
             let m = &self.members[l.member];
             let write = match pass {
                 Pass::Recover(slot) => l.member == slot,
-                Pass::Check | Pass::Resync => {
+                Pass::Check | Pass::Resync | Pass::Repair => {
                     if !m.readable() {
                         continue;
                     }
                     match m.read(l.offset, self.buffer(piece.len as usize)).await {
                         Ok(b) if b[..] == src[..] => false,
                         Ok(_) => {
-                            tally.mismatch(unit);
+                            if !counted {
+                                counted = true;
+                                tally.mismatch(unit);
+                            }
                             pass == Pass::Resync
                         }
                         Err((e, _)) => {
@@ -407,6 +475,73 @@ impl ArrayInner {
                     .await?;
             }
         }
+        Ok(())
+    }
+
+    /// Repairs one mirrored unit: reads every in-sync copy, and if they
+    /// differ (still, when read again) writes the content most copies hold
+    /// (the primary's when no content has a majority) over the others.
+    async fn repair_copies(
+        &self,
+        len: u64,
+        unit: u64,
+        locs: &[crate::layout::Location],
+        primary: crate::layout::Location,
+        first: Bytes,
+        tally: &Tally,
+    ) -> Result<(), IoError> {
+        let mut copies: Vec<(crate::layout::Location, Bytes)> = vec![(primary, first)];
+        for round in 0..2 {
+            for l in locs.iter().filter(|l| l.member != primary.member) {
+                if !self.members[l.member].readable() {
+                    continue;
+                }
+                match self.members[l.member]
+                    .read(l.offset, self.buffer(len as usize))
+                    .await
+                {
+                    Ok(b) => copies.push((*l, Bytes::from_owner(b))),
+                    Err((e, _)) => {
+                        self.handle(&e).await;
+                    }
+                }
+            }
+            if copies.iter().all(|(_, b)| *b == copies[0].1) {
+                return Ok(());
+            }
+            if round == 0 {
+                // Read every copy again before repairing.
+                copies.truncate(0);
+                match self.members[primary.member]
+                    .read(primary.offset, self.buffer(len as usize))
+                    .await
+                {
+                    Ok(b) => copies.push((primary, Bytes::from_owner(b))),
+                    Err((e, _)) => {
+                        self.handle(&e).await;
+                        return Err(self.io_error("repair", &e));
+                    }
+                }
+            }
+        }
+        tally.mismatch(unit);
+        // The content more than half the copies hold, else the primary's.
+        let votes = |b: &Bytes| copies.iter().filter(|(_, c)| c == b).count();
+        let majority = copies
+            .iter()
+            .map(|(_, b)| b)
+            .find(|b| votes(b) * 2 > copies.len())
+            .cloned();
+        let truth = majority.clone().unwrap_or_else(|| copies[0].1.clone());
+        let majority = majority.is_some();
+        for (l, b) in &copies {
+            if *b != truth && self.members[l.member].writable() {
+                tracing::warn!(array = %self.name, unit, member = l.member, majority, "repair: copy rewritten");
+                self.write_unit(l.member, l.offset, truth.clone(), tally)
+                    .await?;
+            }
+        }
+        tally.repaired.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

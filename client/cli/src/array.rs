@@ -124,10 +124,16 @@ pub enum ArrayCmd {
         json: bool,
     },
     /// Check an array: read every stripe and verify its parity or copies.
-    /// Exits with status 1 if any mismatch is found.
+    /// Exits with status 1 if any mismatch is found (a check) or remains
+    /// unrepaired (a repair).
     Check {
         /// Array name.
         name: String,
+        /// Repair what disagrees: RAID 1/10 from the copy most copies hold,
+        /// RAID 5 by rewriting parity, RAID 6 by rewriting the one chunk
+        /// the P and Q syndromes point at.
+        #[arg(long)]
+        repair: bool,
         /// Start the check and return at once (follow it with `status`).
         #[arg(long)]
         no_wait: bool,
@@ -297,10 +303,11 @@ pub async fn run(addr: &str, cmd: ArrayCmd) -> Result<()> {
         }
         ArrayCmd::Check {
             name,
+            repair,
             no_wait,
             json,
             quiet,
-        } => check(&mut c, &name, no_wait, json, quiet).await?,
+        } => check(&mut c, &name, repair, no_wait, json, quiet).await?,
     }
     Ok(())
 }
@@ -327,6 +334,7 @@ fn print_one(s: &grpc::ArrayStatus, json: bool) {
 async fn check(
     c: &mut ArrayClient<Channel>,
     name: &str,
+    repair: bool,
     no_wait: bool,
     json: bool,
     quiet: bool,
@@ -334,12 +342,14 @@ async fn check(
     let mut report = c
         .check(grpc::CheckRequest {
             name: name.to_string(),
+            repair,
         })
         .await
         .map_err(status)?
         .into_inner();
+    let what = if repair { "repair" } else { "check" };
     if no_wait {
-        println!("check of {name} started; follow it with: nbdraid array status {name}");
+        println!("{what} of {name} started; follow it with: nbdraid array status {name}");
         return Ok(());
     }
     let mut progress = CheckProgress::new(name, quiet);
@@ -355,9 +365,16 @@ async fn check(
     if json {
         println!("{}", check_json(&report));
     } else {
-        println!("check of {name}: {}", check_summary(&report, None));
+        println!("{what} of {name}: {}", check_summary(&report, None));
     }
-    if report.mismatches > 0 {
+    if report.mismatches > report.repaired {
+        if repair {
+            bail!(
+                "repair of {name} found {} mismatches and repaired {}",
+                report.mismatches,
+                report.repaired
+            );
+        }
         bail!(
             "check of {name} found {} mismatch{}",
             report.mismatches,
@@ -489,6 +506,9 @@ fn check_summary(c: &grpc::CheckReport, unit: Option<&str>) -> String {
         };
         let label = unit.unwrap_or("at");
         out += &format!(" ({label} {}{more})", list.join(", "));
+    }
+    if c.repair {
+        out += &format!(", {} repaired", c.repaired);
     }
     if c.errors > 0 {
         out += &format!(
@@ -623,6 +643,8 @@ fn check_json(c: &grpc::CheckReport) -> Value {
         "progress": c.progress.as_ref().map(progress_json),
         "mismatches": c.mismatches,
         "first_mismatches": c.first_mismatches,
+        "repair": c.repair,
+        "repaired": c.repaired,
         "errors": c.errors,
     })
 }
@@ -811,6 +833,8 @@ mod tests {
                 mismatches: 3,
                 first_mismatches: vec![17, 99],
                 errors: 1,
+                repaired: 0,
+                repair: false,
             }),
             export: "r6".into(),
             spares: vec!["nbd://n9:10809/v".into()],
