@@ -1271,6 +1271,30 @@ pub fn describe_metrics() {
         "Bytes of member data the running resync or recovery covers in all."
     );
     describe_gauge!(
+        "nbdraid_array_sync_bytes_per_second",
+        "Running resync or rebuild: bytes of member data per second so far."
+    );
+    describe_gauge!(
+        "nbdraid_array_sync_eta_seconds",
+        "Running resync or rebuild: estimated seconds left (0 when none runs)."
+    );
+    describe_gauge!(
+        "nbdraid_array_check_done_bytes",
+        "Running check or repair: bytes of member data covered."
+    );
+    describe_gauge!(
+        "nbdraid_array_check_total_bytes",
+        "Running check or repair: bytes of member data to cover (0 when none runs)."
+    );
+    describe_gauge!(
+        "nbdraid_array_check_repaired",
+        "Units the last repair rewrote."
+    );
+    describe_gauge!(
+        "nbdraid_array_sync_rate_limit_bytes_per_second",
+        "The resync, rebuild and check rate limit (0: none); nbdraid array set-rate changes it."
+    );
+    describe_gauge!(
         "nbdraid_array_check_mismatches",
         "Stripes or chunks the last check found inconsistent."
     );
@@ -1321,6 +1345,14 @@ fn register_metrics(entry: &Arc<Entry>) {
         g("nbdraid_array_sync_done_bytes"),
         g("nbdraid_array_sync_total_bytes"),
         g("nbdraid_array_check_mismatches"),
+    );
+    let (sync_rate, sync_eta, check_done, check_total, repaired, rate_limit) = (
+        g("nbdraid_array_sync_bytes_per_second"),
+        g("nbdraid_array_sync_eta_seconds"),
+        g("nbdraid_array_check_done_bytes"),
+        g("nbdraid_array_check_total_bytes"),
+        g("nbdraid_array_check_repaired"),
+        g("nbdraid_array_sync_rate_limit_bytes_per_second"),
     );
     let members: Vec<metrics::Gauge> = entry
         .inner()
@@ -1381,22 +1413,35 @@ fn register_metrics(entry: &Arc<Entry>) {
         });
         events.set(inner.meta.snapshot().map_or(0.0, |sb| sb.events as f64));
         dirty.set(inner.meta.bitmap().map_or(0.0, |b| b.set_bits() as f64));
-        let sync = lock(&e.sync).clone();
-        let (d, t) = sync
-            .filter(|t| !t.finished.load(Ordering::Acquire))
-            .map_or((0, 0), |t| {
-                (
-                    t.done.load(Ordering::Relaxed),
-                    t.total.load(Ordering::Relaxed),
-                )
-            });
-        done.set(d as f64);
-        total.set(t as f64);
+        let running = |t: &Option<Arc<Tally>>| {
+            t.clone()
+                .filter(|t| !t.finished.load(Ordering::Acquire))
+                .map(|t| t.progress())
+        };
+        let sync = running(&lock(&e.sync));
+        done.set(sync.as_ref().map_or(0.0, |p| p.done as f64));
+        total.set(sync.as_ref().map_or(0.0, |p| p.total as f64));
+        sync_rate.set(sync.as_ref().map_or(0.0, |p| p.rate));
+        sync_eta.set(
+            sync.as_ref()
+                .and_then(|p| p.eta)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        let check = lock(&e.check).clone();
+        let check_progress = running(&check);
+        check_done.set(check_progress.as_ref().map_or(0.0, |p| p.done as f64));
+        check_total.set(check_progress.as_ref().map_or(0.0, |p| p.total as f64));
         mismatches.set(
-            lock(&e.check)
+            check
                 .as_ref()
                 .map_or(0.0, |t| t.mismatches.load(Ordering::Relaxed) as f64),
         );
+        repaired.set(
+            check
+                .as_ref()
+                .map_or(0.0, |t| t.repaired.load(Ordering::Relaxed) as f64),
+        );
+        rate_limit.set(e.rate.load(Ordering::Relaxed) as f64);
         for (m, gauge) in inner.members.iter().zip(&members) {
             gauge.set(f64::from(m.state() as u8));
         }

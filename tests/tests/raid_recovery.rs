@@ -179,6 +179,23 @@ fn a_spare_takes_over_after_a_sigkill() {
         member(s, 1)["uri"] == spare.as_str()
     });
     assert_eq!(s["spares"].as_array().map(Vec::len), Some(0), "{s:#}");
+    // `status --watch` follows the rebuild to its end: piped, a plain
+    // progress line at a time, then the status.
+    let out = array.cli(&["status", "r5", "--watch", "--interval", "0.5"]);
+    assert!(out.status.success(), "status --watch: {}", show(&out));
+    let lines = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        lines
+            .lines()
+            .any(|l| l.starts_with("recovery of r5: ") && l.contains('%')),
+        "no progress line: {}",
+        show(&out)
+    );
+    let after = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !after.contains("Recovery Status"),
+        "the rebuild still runs: {after}"
+    );
     let report = run.finish();
     report.assert_clean();
     for node in [0, 2] {

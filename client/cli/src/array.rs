@@ -57,6 +57,14 @@ pub enum ArrayCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Follow the running rebuild, resync, check or repair until none
+        /// runs: progress bars on a terminal, a plain line per operation
+        /// every --interval when piped; then print the status.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch polls (and writes lines when piped), seconds.
+        #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+        interval: f64,
     },
     /// Re-add a failed member and resync it from the write-intent bitmap.
     ReAdd {
@@ -235,7 +243,15 @@ pub async fn run(addr: &str, cmd: ArrayCmd) -> Result<()> {
                 }
             }
         }
-        ArrayCmd::Status { name, json } => {
+        ArrayCmd::Status {
+            name,
+            json,
+            watch,
+            interval,
+        } => {
+            if watch {
+                watch_status(&mut c, &name, interval).await?;
+            }
             let s = get_status(&mut c, &name).await?;
             if json {
                 println!("{}", status_json(&s));
@@ -312,6 +328,38 @@ pub async fn run(addr: &str, cmd: ArrayCmd) -> Result<()> {
     Ok(())
 }
 
+/// Follows `name`'s running operations until none runs.
+async fn watch_status(c: &mut ArrayClient<Channel>, name: &str, interval: f64) -> Result<()> {
+    if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+        bail!("--interval must be between 0 and 3600 seconds, got {interval}");
+    }
+    let every = Duration::from_secs_f64(interval);
+    let mut view = ProgressView::new(false, every);
+    loop {
+        let s = get_status(c, name).await?;
+        let mut running = Vec::new();
+        if let Some(p) = &s.sync {
+            let label = format!("{} of {name}", p.kind);
+            view.show(&label, p, "");
+            running.push(label);
+        }
+        if let Some(check) = s.check.as_ref().filter(|c| c.running)
+            && let Some(p) = &check.progress
+        {
+            let label = format!("{} of {name}", p.kind);
+            view.show(&label, p, &format!(", {} mismatches", check.mismatches));
+            running.push(label);
+        }
+        view.retain(&running);
+        if running.is_empty() {
+            break;
+        }
+        tokio::time::sleep(every.min(POLL)).await;
+    }
+    view.finish();
+    Ok(())
+}
+
 async fn get_status(c: &mut ArrayClient<Channel>, name: &str) -> Result<grpc::ArrayStatus> {
     Ok(c.get_array_status(grpc::ArrayStatusRequest {
         name: name.to_string(),
@@ -352,9 +400,16 @@ async fn check(
         println!("{what} of {name} started; follow it with: nbdraid array status {name}");
         return Ok(());
     }
-    let mut progress = CheckProgress::new(name, quiet);
+    let mut progress = ProgressView::new(quiet, PLAIN_EVERY);
+    let label = format!("{what} of {name}");
     while report.running {
-        progress.show(&report);
+        if let Some(p) = &report.progress {
+            progress.show(
+                &label,
+                p,
+                &format!(", {} mismatches so far", report.mismatches),
+            );
+        }
         tokio::time::sleep(POLL).await;
         report = get_status(c, name)
             .await?
@@ -384,66 +439,96 @@ async fn check(
     Ok(())
 }
 
-/// How often a check's progress is written when stderr is not a terminal.
+/// How often progress is written when stderr is not a terminal (check).
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
-/// A running check's progress on stderr: a bar on a terminal; on a pipe
-/// or file, a plain line every [`PLAIN_EVERY`] (a log gets no cursor
-/// movement and no flood of redraws).
-enum CheckProgress {
-    Hidden,
-    Bar(ProgressBar),
-    Lines { name: String, last: Option<Instant> },
+/// Progress of running operations (a check, a rebuild, a resync) on
+/// stderr: a bar each on a terminal; on a pipe or file, a plain line per
+/// operation every `every` (a log gets no cursor movement and no flood of
+/// redraws).
+struct ProgressView {
+    mode: ViewMode,
+    every: Duration,
 }
 
-impl CheckProgress {
-    fn new(name: &str, quiet: bool) -> Self {
-        if quiet {
-            return CheckProgress::Hidden;
-        }
-        if !std::io::stderr().is_terminal() {
-            return CheckProgress::Lines {
-                name: name.to_string(),
-                last: None,
-            };
-        }
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        if let Ok(style) =
-            ProgressStyle::with_template("check {bytes:>10}/{total_bytes} [{wide_bar}] {msg}")
-        {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        CheckProgress::Bar(bar)
+enum ViewMode {
+    Hidden,
+    Bars {
+        multi: indicatif::MultiProgress,
+        bars: Vec<(String, ProgressBar)>,
+    },
+    Lines {
+        last: Vec<(String, Instant)>,
+    },
+}
+
+impl ProgressView {
+    fn new(quiet: bool, every: Duration) -> Self {
+        let mode = if quiet {
+            ViewMode::Hidden
+        } else if std::io::stderr().is_terminal() {
+            ViewMode::Bars {
+                multi: indicatif::MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+                bars: Vec::new(),
+            }
+        } else {
+            ViewMode::Lines { last: Vec::new() }
+        };
+        Self { mode, every }
     }
 
-    fn show(&mut self, report: &grpc::CheckReport) {
-        let Some(p) = &report.progress else {
-            return;
-        };
-        match self {
-            CheckProgress::Hidden => {}
-            CheckProgress::Bar(bar) => {
+    /// Shows operation `label` at `p`, with `extra` after the rate.
+    fn show(&mut self, label: &str, p: &grpc::Progress, extra: &str) {
+        let every = self.every;
+        match &mut self.mode {
+            ViewMode::Hidden => {}
+            ViewMode::Bars { multi, bars } => {
+                let bar = match bars.iter().find(|(l, _)| l == label) {
+                    Some((_, b)) => b.clone(),
+                    None => {
+                        let b = multi.add(ProgressBar::new(p.total));
+                        if let Ok(style) = ProgressStyle::with_template(&format!(
+                            "{label:<18} {{bytes:>10}}/{{total_bytes}} [{{wide_bar}}] {{percent:>3}}% {{msg}}"
+                        )) {
+                            b.set_style(style.progress_chars("=> "));
+                        }
+                        bars.push((label.to_string(), b.clone()));
+                        b
+                    }
+                };
                 bar.set_length(p.total);
                 bar.set_position(p.done);
-                bar.set_message(format!("{}, {} mismatches", rate_eta(p), report.mismatches));
+                bar.set_message(format!("{}{extra}", rate_eta(p)));
             }
-            CheckProgress::Lines { name, last } => {
-                if last.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
-                    eprintln!(
-                        "check of {name}: {}, {} mismatches so far",
-                        progress_line(p),
-                        report.mismatches
-                    );
-                    *last = Some(Instant::now());
+            ViewMode::Lines { last } => {
+                let due = last
+                    .iter()
+                    .find(|(l, _)| l == label)
+                    .is_none_or(|(_, t)| t.elapsed() >= every);
+                if due {
+                    eprintln!("{label}: {}{extra}", progress_line(p));
+                    last.retain(|(l, _)| l != label);
+                    last.push((label.to_string(), Instant::now()));
                 }
             }
         }
     }
 
-    fn finish(self) {
-        if let CheckProgress::Bar(bar) = self {
-            bar.finish_and_clear();
+    /// Clears the bars of operations not in `running`.
+    fn retain(&mut self, running: &[String]) {
+        if let ViewMode::Bars { bars, .. } = &mut self.mode {
+            bars.retain(|(l, b)| {
+                let keep = running.contains(l);
+                if !keep {
+                    b.finish_and_clear();
+                }
+                keep
+            });
         }
+    }
+
+    fn finish(mut self) {
+        self.retain(&[]);
     }
 }
 
@@ -775,7 +860,51 @@ mod tests {
     fn other_subcommands_parse() {
         let (addr, cmd) = parse(&["array", "status", "r5", "--json", "--array", "h:1"]).unwrap();
         assert_eq!(addr, "h:1");
-        assert!(matches!(cmd, ArrayCmd::Status { name, json: true } if name == "r5"));
+        assert!(
+            matches!(cmd, ArrayCmd::Status { name, json: true, watch: false, .. } if name == "r5")
+        );
+        let (_, cmd) = parse(&["array", "status", "r5", "--watch", "--interval", "0.5"]).unwrap();
+        assert!(matches!(cmd, ArrayCmd::Status { watch: true, interval, .. } if interval == 0.5));
+        let (_, cmd) = parse(&[
+            "array",
+            "replace",
+            "r5",
+            "--member",
+            "2",
+            "--with",
+            "nbd://h:1/v",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cmd, ArrayCmd::Replace { name, slot: 2, uri, .. } if name == "r5" && uri == "nbd://h:1/v")
+        );
+        let (_, cmd) = parse(&["array", "remove", "r5", "--spare", "nbd://h:1/s"]).unwrap();
+        assert!(matches!(
+            cmd,
+            ArrayCmd::Remove {
+                slot: None,
+                spare: Some(_),
+                ..
+            }
+        ));
+        assert!(parse(&["array", "remove", "r5"]).is_err(), "remove what?");
+        assert!(
+            parse(&[
+                "array",
+                "remove",
+                "r5",
+                "--member",
+                "1",
+                "--spare",
+                "nbd://h:1/s"
+            ])
+            .is_err(),
+            "one or the other"
+        );
+        let (_, cmd) = parse(&["array", "set-rate", "r5", "50M"]).unwrap();
+        assert!(matches!(cmd, ArrayCmd::SetRate { rate, .. } if rate.0 == 50 << 20));
+        let (_, cmd) = parse(&["array", "check", "r5", "--repair"]).unwrap();
+        assert!(matches!(cmd, ArrayCmd::Check { repair: true, .. }));
         let (_, cmd) = parse(&["array", "re-add", "r5", "2"]).unwrap();
         assert!(matches!(cmd, ArrayCmd::ReAdd { name, slot: 2 } if name == "r5"));
         let (_, cmd) = parse(&["array", "check", "r5", "--no-wait"]).unwrap();
