@@ -205,6 +205,12 @@ pub struct ArrayDaemonConfig {
     pub bitmap_idle_ms: u64,
     /// Resync, recovery and check rate limit in bytes per second (0 = none).
     pub sync_rate: ByteSize,
+    /// Scrub every array this often, in seconds (0 = never): a check, or a
+    /// repair with `scrub-repair`.
+    pub scrub_interval_secs: u64,
+    /// Scheduled scrubs repair what they find (a degraded array is only
+    /// checked).
+    pub scrub_repair: bool,
     /// Arrays to assemble (or create) at start-up.
     #[serde(rename = "array")]
     pub arrays: Vec<ArrayConfig>,
@@ -238,6 +244,8 @@ impl Default for ArrayDaemonConfig {
             safe_mode_delay_ms: 500,
             bitmap_idle_ms: 5000,
             sync_rate: ByteSize(0),
+            scrub_interval_secs: 0,
+            scrub_repair: false,
             arrays: Vec::new(),
         }
     }
@@ -325,6 +333,8 @@ impl ArrayDaemonConfig {
             bitmap_idle: Duration::from_millis(self.bitmap_idle_ms),
             max_payload: u32::try_from(self.max_payload.0).unwrap_or(u32::MAX),
             sync_rate: self.sync_rate.0,
+            scrub_interval: Duration::from_secs(self.scrub_interval_secs),
+            scrub_repair: self.scrub_repair,
             member_grant: self.members.grant.0,
             background_grant: self
                 .members

@@ -53,6 +53,10 @@ pub struct ManagerSettings {
     pub max_payload: u32,
     /// Resync/recovery/check rate limit in bytes per second (0: none).
     pub sync_rate: u64,
+    /// Scrub every array this often (zero: never).
+    pub scrub_interval: Duration,
+    /// Scheduled scrubs repair (when the array is not degraded).
+    pub scrub_repair: bool,
     /// Units the array asks each member to grant it (foreground and
     /// background each) and accounts its requests against.
     pub member_grant: u64,
@@ -73,6 +77,8 @@ impl std::fmt::Debug for ManagerSettings {
             .field("bitmap_idle", &self.bitmap_idle)
             .field("max_payload", &self.max_payload)
             .field("sync_rate", &self.sync_rate)
+            .field("scrub_interval", &self.scrub_interval)
+            .field("scrub_repair", &self.scrub_repair)
             .field("member_grant", &self.member_grant)
             .field("background_grant", &self.background_grant)
             .field("accounting", &self.accounting)
@@ -102,6 +108,8 @@ impl Default for ManagerSettings {
             bitmap_idle: Duration::from_secs(5),
             max_payload: 32 << 20,
             sync_rate: 0,
+            scrub_interval: Duration::ZERO,
+            scrub_repair: false,
             member_grant: 64 << 20,
             background_grant: 16 << 20,
             accounting: true,
@@ -663,6 +671,7 @@ impl Manager {
                 .clamp(Duration::from_millis(50), Duration::from_secs(1));
             let mut last_sweep = Instant::now();
             let mut last_readd = Instant::now();
+            let mut last_scrub = Instant::now();
             let mut states = inner.state_changed.subscribe();
             loop {
                 tokio::select! {
@@ -690,6 +699,24 @@ impl Manager {
                     let Some(m) = manager.upgrade() else { return };
                     m.try_readd_all(&e).await;
                     m.use_spares(&e).await;
+                }
+                if !settings.scrub_interval.is_zero()
+                    && last_scrub.elapsed() >= settings.scrub_interval
+                {
+                    last_scrub = Instant::now();
+                    let Some(m) = manager.upgrade() else { return };
+                    // Nothing to scrub on a failed array; a degraded one is
+                    // only checked; a running check or repair is left alone.
+                    let busy = lock(&e.check)
+                        .as_ref()
+                        .is_some_and(|t| !t.finished.load(Ordering::Acquire));
+                    if !inner.is_failed() && !busy {
+                        let repair = settings.scrub_repair && !inner.is_degraded();
+                        tracing::info!(array = %inner.name, repair, "scheduled scrub");
+                        if let Err(err) = m.check(&inner.name, repair) {
+                            tracing::warn!(array = %inner.name, error = %err, "scheduled scrub not started");
+                        }
+                    }
                 }
             }
         });

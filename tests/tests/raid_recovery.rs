@@ -455,3 +455,22 @@ fn repair_fixes_what_check_finds() {
         "r1 through the array",
     );
 }
+
+/// `scrub-interval-secs` starts a check on its own (and `scrub-repair` a
+/// repair): a corrupted copy is found and fixed without anyone asking.
+#[test]
+fn a_scheduled_scrub_repairs_on_its_own() {
+    require_tools!("qemu-io");
+    let cluster = Cluster::start(3, &["v:8M"]);
+    let config = format!(
+        "scrub-interval-secs = 2\nscrub-repair = true\n{SETTINGS}\n{}",
+        array_entry("r1", "raid1", "64K", &cluster.members("v", &[0, 1, 2]))
+    );
+    let array = ArrayDaemon::start(&config);
+    corrupt(&cluster.nodes[2].uri("v"), 4 * MIB);
+    let s = array.wait_status("r1", "a scheduled repair", hang(60), |s| {
+        s["check"]["repaired"].as_u64().unwrap_or(0) >= 1
+    });
+    assert_eq!(s["check"]["repair"], true, "{s:#}");
+    assert_eq!(check_report(&array, "r1", false)["mismatches"], 0);
+}
