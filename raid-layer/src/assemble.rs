@@ -19,9 +19,11 @@
 //!   anything is written to its members).
 //! - A dirty array (not marked clean: a crash) resyncs the regions its
 //!   bitmap marks, in the background, while it serves. A RAID 5/6 array
-//!   that is both dirty and degraded is refused unless forced: parity of
+//!   that is both dirty and degraded is refused unless forced (parity of
 //!   stripes written at the crash may be wrong, and a missing member's data
-//!   would be reconstructed from it (the write hole).
+//!   would be reconstructed from it: the write hole), unless the run that
+//!   left it dirty logged its writes: then the partial-parity log is
+//!   replayed first ([`crate::array::log`]) and it starts.
 
 use std::sync::Arc;
 
@@ -53,6 +55,8 @@ pub struct Notes {
     pub created: bool,
     /// Regions to resync (dirty at assembly, or a new array over non-blank members).
     pub resync_regions: u64,
+    /// What replaying the partial-parity log did, if it was replayed.
+    pub log_replayed: Option<crate::array::log::ReplayReport>,
 }
 
 /// One configured member as found.
@@ -274,7 +278,11 @@ pub async fn assemble(
             .filter(|r| r.saturating_add(1).saturating_mul(region) > in_sync_below)
             .collect()
     };
-    if !at_risk.is_empty() && matches!(level, Level::Raid5 | Level::Raid6) && !spec.force {
+    let parity_level = matches!(level, Level::Raid5 | Level::Raid6);
+    // The previous run logged its writes: replaying the log (below, before
+    // the array serves) makes parity agree with what the members hold.
+    let replay = parity_level && !clean && auth.write_log;
+    if !at_risk.is_empty() && parity_level && !spec.force && !replay {
         return Err(AdminError::Refused(format!(
             "array {name:?} ({level}) is dirty (it was not shut down cleanly) and degraded (members {:?} are not in sync \
              in {} of its dirty regions): parity of stripes being written at the crash may be wrong, and a missing \
@@ -296,6 +304,7 @@ pub async fn assemble(
             "the array was not shut down cleanly: resyncing its dirty regions in the background"
         );
     }
+    let (uuid, data_offset) = (auth.array_uuid, auth.data_offset);
     let meta = ArrayMeta::persistent(auth, slots, bitmap);
     let array = Array::new(
         settings.array_params(name),
@@ -325,6 +334,42 @@ pub async fn assemble(
     for slot in newly_lost {
         meta.record_failure(array.inner(), slot, "not in sync at assembly")
             .await;
+    }
+    if parity_level {
+        let inner = array.inner();
+        if replay {
+            let report = inner.replay_log(uuid, data_offset).await.map_err(|e| {
+                AdminError::Unavailable(format!(
+                    "array {name:?}: cannot replay its partial-parity log: {e}"
+                ))
+            })?;
+            tracing::warn!(
+                array = %name,
+                entries = report.entries,
+                partial = report.partial,
+                recomputed = report.recomputed,
+                skipped = report.skipped,
+                "partial-parity log replayed"
+            );
+            notes.log_replayed = Some(report);
+        }
+        for slot in 0..inner.members.len() {
+            if inner.members[slot].writable()
+                && let Err(e) = inner.clear_member_log(slot, data_offset).await
+            {
+                inner.handle(&e).await;
+            }
+        }
+        if inner.is_failed() {
+            return Err(AdminError::Unavailable(format!(
+                "array {name:?}: too many members failed while it was assembled"
+            )));
+        }
+        meta.record_logging(inner).await.map_err(|e| {
+            AdminError::Unavailable(format!(
+                "array {name:?}: cannot record whether it logs: {e}"
+            ))
+        })?;
     }
     Ok((array, notes))
 }

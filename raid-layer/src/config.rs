@@ -211,6 +211,11 @@ pub struct ArrayDaemonConfig {
     /// Scheduled scrubs repair what they find (a degraded array is only
     /// checked).
     pub scrub_repair: bool,
+    /// RAID 5/6 writes go through the partial-parity log on the members,
+    /// which closes the write hole: a crash that leaves an array dirty and
+    /// degraded is recovered by replaying it. `false` is for measuring its
+    /// cost only: such an array then starts only with `--force-assemble`.
+    pub write_log: bool,
     /// Arrays to assemble (or create) at start-up.
     #[serde(rename = "array")]
     pub arrays: Vec<ArrayConfig>,
@@ -246,6 +251,7 @@ impl Default for ArrayDaemonConfig {
             sync_rate: ByteSize(0),
             scrub_interval_secs: 0,
             scrub_repair: false,
+            write_log: true,
             arrays: Vec::new(),
         }
     }
@@ -335,6 +341,7 @@ impl ArrayDaemonConfig {
             sync_rate: self.sync_rate.0,
             scrub_interval: Duration::from_secs(self.scrub_interval_secs),
             scrub_repair: self.scrub_repair,
+            write_log: self.write_log,
             member_grant: self.members.grant.0,
             background_grant: self
                 .members

@@ -57,6 +57,8 @@ pub struct ManagerSettings {
     pub scrub_interval: Duration,
     /// Scheduled scrubs repair (when the array is not degraded).
     pub scrub_repair: bool,
+    /// RAID 5/6 writes go through the partial-parity log.
+    pub write_log: bool,
     /// Units the array asks each member to grant it (foreground and
     /// background each) and accounts its requests against.
     pub member_grant: u64,
@@ -79,6 +81,7 @@ impl std::fmt::Debug for ManagerSettings {
             .field("sync_rate", &self.sync_rate)
             .field("scrub_interval", &self.scrub_interval)
             .field("scrub_repair", &self.scrub_repair)
+            .field("write_log", &self.write_log)
             .field("member_grant", &self.member_grant)
             .field("background_grant", &self.background_grant)
             .field("accounting", &self.accounting)
@@ -94,6 +97,7 @@ impl ManagerSettings {
             background_grant: self.background_grant,
             accounting: self.accounting,
             throttle: self.throttle.clone(),
+            write_log: self.write_log,
             ..crate::array::ArrayParams::new(name, self.max_payload)
         }
     }
@@ -110,6 +114,7 @@ impl Default for ManagerSettings {
             sync_rate: 0,
             scrub_interval: Duration::ZERO,
             scrub_repair: false,
+            write_log: true,
             member_grant: 64 << 20,
             background_grant: 16 << 20,
             accounting: true,
@@ -840,6 +845,7 @@ impl Manager {
             old.close(Duration::from_millis(10)).await;
         }
         member.set_recovered(0);
+        clear_log(&inner, slot).await?;
         member.set_state(MemberState::Recovering);
         inner.update_failed();
         if let Err(err) = inner.meta.record_recovering(&inner, slot, 0).await {
@@ -948,6 +954,7 @@ impl Manager {
             c.close(Duration::from_millis(10)).await;
         }
         member.set_uri(uri);
+        clear_log(&inner, slot).await?;
         let member_uuid = Uuid::new_v4();
         if let Err(err) = inner
             .meta
@@ -1254,6 +1261,24 @@ enum Recovery {
 /// How often a rebuild's frontier is recorded in the superblocks: what a
 /// restart redoes is at most this much of the rebuild.
 const FRONTIER_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Clears the partial-parity log area of member `slot` before it is
+/// written again (re-added, or a new volume in its place): entries it
+/// holds from before are not this run's.
+async fn clear_log(inner: &ArrayInner, slot: usize) -> Result<(), AdminError> {
+    let Some(sb) = inner.meta.snapshot() else {
+        return Ok(());
+    };
+    inner
+        .clear_member_log(slot, sb.data_offset)
+        .await
+        .map_err(|e| {
+            AdminError::Unavailable(format!(
+                "array {:?}: cannot clear member {slot}'s partial-parity log: {e}",
+                inner.name
+            ))
+        })
+}
 
 /// Records `member`'s rebuild frontier in the superblocks, after flushing
 /// the member so that everything below it is durable there.

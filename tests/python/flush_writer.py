@@ -6,7 +6,11 @@ Usage: flush_writer.py URI OFFSET LENGTH DEPTH MAX_SECONDS FLUSH_EVERY
 
 The region [OFFSET, OFFSET + LENGTH) holds LENGTH / 64 KiB blocks; write number `seq` goes
 to block i = seq mod blocks, pass g = seq div blocks, and fills it with the 16-byte unit
-struct.pack('<QQ', g, i) repeated. A block never has two writes in flight: the next write
+struct.pack('<QQ', g | tag(g, i) << 32, i) repeated, where tag is a
+32-bit hash of (g, i) that is not linear in XOR: a unit rebuilt from parity
+that does not match the data (the RAID 5/6 write hole) XORs several units
+together, and the result's tag is then wrong (with g alone, the XOR of
+passes can look like a valid pass). A block never has two writes in flight: the next write
 to a block is sent only after the previous one completed, so the last acknowledged write of
 a block is the one it holds (until a later, unacknowledged one lands, wholly or in part).
 
@@ -29,8 +33,12 @@ import nbd
 BS = 64 * 1024
 
 
+def tag(g, i):
+    return (((g + 1) * 0x9E3779B1) ^ ((i + 1) * 0x85EBCA77)) * 0xC2B2AE35 & 0xFFFFFFFF
+
+
 def block(g, i):
-    return struct.pack("<QQ", g, i) * (BS // 16)
+    return struct.pack("<QQ", g | tag(g, i) << 32, i) * (BS // 16)
 
 
 def main():

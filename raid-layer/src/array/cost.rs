@@ -56,7 +56,8 @@ fn ratio(num: u64, den: u64) -> u64 {
 ///   two edge columns.
 /// - WRITE: the payload; RAID 5/6 whole stripes add parity (`p/k` per
 ///   byte); the partial stripes at either end may need a full column,
-///   parity and the old data (`n + 3` chunks each); members with a block
+///   parity, the old data and the log entries (`n + 3 + 2p` chunks each);
+///   members with a block
 ///   size above one byte may widen a write by two blocks.
 /// - WRITE_ZEROES on RAID 5/6: partial stripes are written as zero data, a
 ///   MiB at a time through the write path.
@@ -68,7 +69,7 @@ pub fn own_cost_model(layer: &str, level: Level, n: u64, chunk: u64) -> CostMode
         Some(r) => {
             let p = r.parity_chunks() as u64;
             let k = data(p);
-            let edges = 2 * (n + 3) * chunk;
+            let edges = 2 * edge_chunks(n, p) * chunk;
             (
                 OpCost {
                     base: base + edges,
@@ -103,6 +104,14 @@ pub fn own_cost_model(layer: &str, level: Level, n: u64, chunk: u64) -> CostMode
         .with_op(OpKind::WriteZeroes, zeroes)
 }
 
+/// The chunks of buffers one partial stripe of a RAID 5/6 write may hold:
+/// the column (`n`), parity and old data (3), and the partial-parity log
+/// entries it writes (their payload and its encoded copy, 2 per parity
+/// chunk `p`).
+fn edge_chunks(n: u64, p: u64) -> u64 {
+    n + 3 + 2 * p
+}
+
 /// The array's own units for one request: `model` (its published own
 /// model) with the edge allowance cut to the request. A partial stripe's
 /// column, parity and old data are never wider than the bytes the request
@@ -114,7 +123,8 @@ pub fn own_cost(model: &CostModel, level: Level, n: u64, chunk: u64, op: OpKind,
     if level.redundancy().is_none() || !matches!(op, OpKind::Read | OpKind::Write) {
         return full;
     }
-    let per = 2 * (n + 3);
+    let p = level.redundancy().map_or(0, |r| r.parity_chunks() as u64);
+    let per = 2 * edge_chunks(n, p);
     let width = len.min(chunk);
     full.saturating_sub(per.saturating_mul(chunk))
         .saturating_add(per.saturating_mul(width))
@@ -145,6 +155,17 @@ impl ArrayInner {
                         {
                             let read = if full { 0 } else { cost(m, OpKind::Read, w) };
                             add(&mut needs, m, read + cost(m, OpKind::Write, w));
+                        }
+                        // The partial-parity log's entries: a header
+                        // block, and the partial parity for a partial stripe.
+                        if self.log.is_some() {
+                            let entry = crate::meta::log::LOG_BLOCK + if full { 0 } else { w };
+                            let parity = [Some(span.stripe.p_member()), span.stripe.q_member()];
+                            for m in parity.into_iter().flatten() {
+                                if self.members[m].writable() {
+                                    add(&mut needs, m, cost(m, OpKind::Write, entry));
+                                }
+                            }
                         }
                     }
                     return needs;

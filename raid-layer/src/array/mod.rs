@@ -24,6 +24,7 @@
 pub mod cost;
 mod grants;
 mod locks;
+pub mod log;
 pub mod meta;
 mod parity_write;
 mod read;
@@ -67,6 +68,9 @@ pub struct ArrayParams {
     /// its admission (reconstruction after a member fails under it) and
     /// for background work.
     pub throttle: Option<Arc<Throttle>>,
+    /// Whether RAID 5/6 writes go through the partial-parity log (off:
+    /// measurements only; a dirty, degraded array then needs forcing).
+    pub write_log: bool,
 }
 
 impl ArrayParams {
@@ -80,6 +84,7 @@ impl ArrayParams {
             background_grant: 16 << 20,
             accounting: true,
             throttle: None,
+            write_log: true,
         }
     }
 }
@@ -121,6 +126,8 @@ pub struct ArrayInner {
     /// Bumped whenever a member's state changes (the published model
     /// follows it).
     pub state_changed: tokio::sync::watch::Sender<u64>,
+    /// The partial-parity log (RAID 5/6 with persistent metadata).
+    pub log: Option<log::WriteLog>,
 }
 
 /// An array, served by the engine as a block device.
@@ -169,6 +176,22 @@ impl Array {
             g.members as u64,
             g.chunk,
         ));
+        let log = match (params.write_log, g.level.redundancy(), meta.snapshot()) {
+            (true, Some(_), Some(sb)) => {
+                let log = log::WriteLog::new(sb.array_uuid, members.len(), sb.data_offset, g.chunk);
+                if log.is_none() {
+                    tracing::warn!(
+                        array = %params.name,
+                        chunk = g.chunk,
+                        "no partial-parity log: the chunk is over 1 MiB or the journal area too small; \
+                         a crash that leaves the array dirty and degraded will need --force-assemble"
+                    );
+                }
+                log
+            }
+            _ => None,
+        };
+        meta.set_logging(log.is_some());
         let inner = Arc::new(ArrayInner {
             name: params.name,
             layout,
@@ -187,6 +210,7 @@ impl Array {
             ),
             throttle: params.throttle,
             state_changed: tokio::sync::watch::Sender::new(0),
+            log,
         });
         inner.update_failed();
         Self { inner }
@@ -345,6 +369,7 @@ impl ArrayInner {
 
     /// Flushes every member that must hold data; fails those that cannot.
     pub async fn flush_members(&self) -> Result<(), IoError> {
+        let completed = self.log.as_ref().map(|l| l.completed_below());
         let writable: Vec<_> = self.members.iter().filter(|m| m.writable()).collect();
         let results = futures::future::join_all(writable.iter().map(|m| m.flush())).await;
         for r in results {
@@ -356,6 +381,9 @@ impl ArrayInner {
         }
         if self.is_failed() {
             return Err(self.failed_error("flush"));
+        }
+        if let (Some(log), Some(seq)) = (&self.log, completed) {
+            log.durable(seq);
         }
         Ok(())
     }

@@ -25,9 +25,10 @@ use bytes::Bytes;
 use nbdraid_engine::Error as IoError;
 use nbdraid_engine::buffer::IoBuf;
 
-use super::ArrayInner;
+use super::{ArrayInner, log};
 use crate::layout::StripeSpan;
 use crate::member::MemberError;
+use crate::meta::log::EntryKind;
 use crate::parity::{self, Redundancy};
 
 /// How a stripe's part of a write is done.
@@ -56,12 +57,21 @@ impl From<IoError> for Interrupted {
 /// One member write of a plan: member slot, member offset, bytes.
 type MemberWrite = (usize, u64, Bytes);
 
+/// A plan's new parity over one in-chunk range: the range, P, and Q.
+type ParityRange = (std::ops::Range<u64>, Bytes, Option<Bytes>);
+
+/// What a plan writes: every member write, and the new parity by range.
+struct Prepared {
+    writes: Vec<MemberWrite>,
+    parity: Vec<ParityRange>,
+}
+
 fn parity_err(name: &str, e: parity::ParityError) -> IoError {
     IoError::eio("parity", name, e.to_string())
 }
 
 impl ArrayInner {
-    fn redundancy(&self) -> Result<Redundancy, IoError> {
+    pub(super) fn redundancy(&self) -> Result<Redundancy, IoError> {
         self.layout
             .level()
             .redundancy()
@@ -99,12 +109,24 @@ impl ArrayInner {
                 return Err(self.failed_error("write"));
             }
             let plan = self.plan(&span);
-            let writes = match self.prepare(plan, &span, &data).await {
+            let prepared = match self.prepare(plan, &span, &data).await {
                 Ok(w) => w,
                 Err(Interrupted::Replan) => continue,
                 Err(Interrupted::Fail(e)) => return Err(e),
             };
-            return self.commit(writes, fua).await;
+            let _logged = match &self.log {
+                Some(log) => Some(
+                    log.write(
+                        self,
+                        span.stripe.number()..span.stripe.number() + 1,
+                        Some(&span),
+                        self.log_entries(plan, &span, &data, &prepared.parity),
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
+            return self.commit(prepared.writes, fua).await;
         }
     }
 
@@ -150,7 +172,7 @@ impl ArrayInner {
         plan: Plan,
         span: &StripeSpan,
         data: &Bytes,
-    ) -> Result<Vec<MemberWrite>, Interrupted> {
+    ) -> Result<Prepared, Interrupted> {
         let s = span.stripe;
         let redundancy = self.redundancy()?;
         let k = s.data_chunks();
@@ -167,12 +189,9 @@ impl ArrayInner {
                 )
             })
             .collect();
+        let mut parity: Vec<ParityRange> = Vec::with_capacity(2);
         let mut parity_out = |range: std::ops::Range<u64>, p: IoBuf, q: Option<IoBuf>| {
-            let off = s.member_offset(range.start);
-            writes.push((s.p_member(), off, Bytes::from_owner(p)));
-            if let (Some(qm), Some(q)) = (s.q_member(), q) {
-                writes.push((qm, off, Bytes::from_owner(q)));
-            }
+            parity.push((range, Bytes::from_owner(p), q.map(Bytes::from_owner)));
         };
         match plan {
             Plan::Full => {
@@ -236,11 +255,64 @@ impl ArrayInner {
                 }
             }
         }
-        Ok(writes)
+        for (range, p, q) in &parity {
+            let off = s.member_offset(range.start);
+            writes.push((s.p_member(), off, p.clone()));
+            if let (Some(qm), Some(q)) = (s.q_member(), q) {
+                writes.push((qm, off, q.clone()));
+            }
+        }
+        Ok(Prepared { writes, parity })
+    }
+
+    /// The log entries of a stripe write (see [`super::log`]): partial
+    /// parity for the P member (and the Q member), or, for a full-stripe
+    /// write, "recompute from the data". Members that are not written get
+    /// none.
+    fn log_entries(
+        &self,
+        plan: Plan,
+        span: &StripeSpan,
+        data: &[u8],
+        parity: &[ParityRange],
+    ) -> Vec<log::Entry> {
+        let s = span.stripe;
+        let mut out = Vec::with_capacity(2);
+        let targets = [(Some(s.p_member()), false), (s.q_member(), true)];
+        for (member, q) in targets {
+            let Some(slot) = member.filter(|&m| self.members[m].writable()) else {
+                continue;
+            };
+            if plan == Plan::Full {
+                out.push(log::Entry {
+                    slot,
+                    kind: EntryKind::Recompute,
+                    payload: Vec::new(),
+                });
+                continue;
+            }
+            let mut payload = Vec::new();
+            for (range, p, qb) in parity {
+                let Some(par) = (if q { qb.as_ref() } else { Some(p) }) else {
+                    continue;
+                };
+                payload.extend_from_slice(&log::partial_parity(span, data, range, par, q));
+            }
+            out.push(log::Entry {
+                slot,
+                kind: if q {
+                    EntryKind::PartialQ
+                } else {
+                    EntryKind::PartialP
+                },
+                payload,
+            });
+        }
+        out
     }
 
     /// Computes P (and Q) of `cols` into pooled buffers of `len` bytes.
-    fn parity_of<D: AsRef<[u8]>>(
+    pub(super) fn parity_of<D: AsRef<[u8]>>(
         &self,
         redundancy: Redundancy,
         cols: &[D],
@@ -402,6 +474,20 @@ impl ArrayInner {
         while s < end_full {
             let batch_end = (s + BATCH).min(end_full);
             let _locks = self.locks.lock_all(s..batch_end).await;
+            let _logged = match &self.log {
+                Some(log) => {
+                    let entries = (0..self.members.len())
+                        .filter(|&m| self.members[m].writable())
+                        .map(|slot| log::Entry {
+                            slot,
+                            kind: EntryKind::Recompute,
+                            payload: Vec::new(),
+                        })
+                        .collect();
+                    Some(log.write(self, s..batch_end, None, entries).await?)
+                }
+                None => None,
+            };
             let (m_off, m_len) = (s * chunk, (batch_end - s) * chunk);
             let ops = self
                 .members

@@ -13,7 +13,7 @@
 //! | [`SB_A_OFFSET`] 0 .. 32 KiB    | superblock copy A ([`superblock`])     |
 //! | [`SB_B_OFFSET`] 32 .. 64 KiB   | superblock copy B                      |
 //! | [`BITMAP_OFFSET`] 64 KiB .. 1 MiB | write-intent bitmap ([`bitmap`]), at most [`BITMAP_MAX_BYTES`] |
-//! | [`JOURNAL_OFFSET`] 1 MiB .. `data_offset` | reserved for a future partial-parity log or journal ([`journal_range`]) |
+//! | [`JOURNAL_OFFSET`] 1 MiB .. `data_offset` | RAID 5/6 partial-parity log ([`log`], [`journal_range`]) |
 //!
 //! The offsets are constants, not superblock fields, so that a member can
 //! be recognised before anything on it is trusted; the superblock records
@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod assembly;
 pub mod bitmap;
+pub mod log;
 pub mod superblock;
 
 pub use assembly::{Assessment, Found, MemberReport, MemberStatus, assess};
@@ -74,8 +75,8 @@ pub const BITMAP_MAX_BYTES: u64 = JOURNAL_OFFSET - BITMAP_OFFSET;
 /// smallest write every member handles atomically in practice.
 pub const BITMAP_PAGE_SIZE: u64 = 4 * KIB;
 
-/// The start of the area reserved for a future partial-parity log or
-/// journal, which runs up to the data offset.
+/// The start of the journal area: the RAID 5/6 partial-parity log
+/// ([`log`]), which runs up to the data offset.
 pub const JOURNAL_OFFSET: u64 = MIB;
 
 /// The default start of array data on each member (4 MiB), which leaves

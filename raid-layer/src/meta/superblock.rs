@@ -195,6 +195,13 @@ pub struct Superblock {
     pub created: u64,
     /// When this superblock was last updated, in unix seconds.
     pub updated: u64,
+    /// Whether the writes since the array was last clean were logged in
+    /// the partial-parity log (RAID 5/6), so that a crash that leaves it
+    /// dirty *and* degraded can be recovered by replaying the log. Absent
+    /// (false) in superblocks written before the log existed, and left out
+    /// when false so that those versions still read ours.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub write_log: bool,
 }
 
 /// Serializes [`Level`] as its name (`"raid5"`), which `layout` does not.
@@ -281,6 +288,7 @@ impl Superblock {
             clean: false,
             created: now,
             updated: now,
+            write_log: false,
         };
         sb.validate()?;
         Ok(sb)
