@@ -125,8 +125,18 @@ nbdraid is serving: RAID 5 array "r5" over 4 nodes (data and logs in $data)
 Ctrl-C stops everything (in-flight requests finish first; the array is marked clean).
 MSG
 # `wait` returns early when a signal arrives; the traps do the rest.
+status=
 while kill -0 "${pids[-1]}" 2>/dev/null; do
-    wait "${pids[-1]}" 2>/dev/null || true
+    wait "${pids[-1]}" 2>/dev/null && status=0 || status=$?
 done
-echo "quickstart: the array daemon exited; see $data/array.log" >&2
+# Exited before the loop looked: its status is still there to collect.
+[ -n "$status" ] || { wait "${pids[-1]}" 2>/dev/null && status=0 || status=$?; }
+# Ctrl-C reaches the whole process group: the array daemon may stop (and
+# be reaped here) before bash runs its INT trap. A daemon that stopped
+# cleanly was asked to, so this is the Ctrl-C exit, not a failure.
+if [ "$status" = 0 ]; then
+    stop_all
+    exit 130
+fi
+echo "quickstart: the array daemon exited (status $status); see $data/array.log" >&2
 exit 1

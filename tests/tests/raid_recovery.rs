@@ -108,12 +108,12 @@ fn replace_under_load_at_every_level() {
             node.set_fault(&volume(name), &["--bandwidth", "8M"]);
         }
     }
-    let mut runs: Vec<FioRun> = arrays
-        .iter()
-        .map(|(name, _, _)| fio(name, &array.uri(name), dir.path(), "--do_verify=1"))
-        .collect();
-    std::thread::sleep(Duration::from_secs(1));
-    for ((name, _, _), run) in arrays.iter().zip(runs.iter_mut()) {
+    // Each array's fio starts just before its own replace, so how long the
+    // other arrays' replaces take (a busy host) cannot let it end first.
+    let mut runs: Vec<FioRun> = Vec::new();
+    for (name, _, _) in &arrays {
+        let mut run = fio(name, &array.uri(name), dir.path(), "--do_verify=1");
+        std::thread::sleep(Duration::from_millis(300));
         assert!(run.is_running(), "fio on {name} ended before the replace");
         let new = cluster.nodes[4].uri(&volume(name));
         let out = array.cli(&["replace", name, "--member", "1", "--with", &new]);
@@ -121,6 +121,7 @@ fn replace_under_load_at_every_level() {
         let s = array.status(name);
         assert_eq!(member(&s, 1)["uri"], new.as_str(), "{s:#}");
         assert_eq!(member(&s, 1)["state"], "recovering", "{s:#}");
+        runs.push(run);
     }
     for run in runs.drain(..) {
         let report = run.finish();
