@@ -541,6 +541,24 @@ pub struct ChunkSpan {
     pub member_offset: u64,
 }
 
+/// Where one changed chunk's bytes fall inside a range of parity
+/// ([`StripeSpan::overlaps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Overlap {
+    /// The chunk's data index.
+    pub index: usize,
+    /// The member holding it.
+    pub member: usize,
+    /// The offset of the bytes from the start of the range.
+    pub at: usize,
+    /// Their offset in the part's data (the request's bytes of this stripe).
+    pub data: usize,
+    /// How many bytes.
+    pub len: usize,
+    /// Their offset in the member's data area.
+    pub member_offset: u64,
+}
+
 impl StripeSpan {
     /// Returns whether the part covers all the stripe's data, so parity
     /// can be computed from the new data alone.
@@ -573,6 +591,24 @@ impl StripeSpan {
                 buf_offset: span.buf_offset + (begin - span.start),
                 member_offset: span.stripe.member_offset(in_chunk),
             }
+        })
+    }
+
+    /// Returns, for each chunk the part changes inside the in-chunk byte
+    /// range `range` (of parity), where its changed bytes there are.
+    pub fn overlaps(&self, range: Range<u64>) -> impl Iterator<Item = Overlap> + use<> {
+        let first = self.buf_offset;
+        self.chunks().filter_map(move |c| {
+            let lo = c.in_chunk.max(range.start);
+            let hi = (c.in_chunk + c.len).min(range.end);
+            (lo < hi).then(|| Overlap {
+                index: c.index,
+                member: c.member,
+                at: (lo - range.start) as usize,
+                data: (c.buf_offset - first + (lo - c.in_chunk)) as usize,
+                len: (hi - lo) as usize,
+                member_offset: c.member_offset + (lo - c.in_chunk),
+            })
         })
     }
 

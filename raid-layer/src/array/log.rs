@@ -86,6 +86,16 @@ pub struct WriteLog {
     flushing: tokio::sync::Mutex<()>,
 }
 
+/// Space taken for a write's entries.
+struct Taken {
+    seq: u64,
+    durable_below: u64,
+    /// Each entry's first block (a position counting up forever).
+    at: Vec<u64>,
+    /// A ring is over half full after this: time to flush.
+    pressure: bool,
+}
+
 /// A stripe write's log entries, in flight: dropping it marks the write
 /// complete (whether it succeeded or not: a failed write leaves its
 /// members failed, or its parity for the resync to fix).
@@ -101,14 +111,35 @@ impl Drop for Logged<'_> {
     }
 }
 
-/// One entry to write: member slot, kind, payload.
+/// One entry to write: member slot, kind, and its bytes so far (a blank
+/// header block, then the payload: see [`Entry::payload`]).
 pub struct Entry {
     /// The member it goes to.
     pub slot: usize,
     /// What recovery does with it.
     pub kind: EntryKind,
-    /// Its partial parity (empty for recompute entries).
-    pub payload: Vec<u8>,
+    /// A blank header block followed by the payload; sealed when written.
+    bytes: Vec<u8>,
+}
+
+impl Entry {
+    /// Returns an entry with no payload yet for member `slot`, with room
+    /// for `payload` bytes.
+    pub fn new(slot: usize, kind: EntryKind, payload: usize) -> Self {
+        let mut bytes = Vec::with_capacity(LOG_BLOCK as usize + payload);
+        bytes.resize(LOG_BLOCK as usize, 0);
+        Self { slot, kind, bytes }
+    }
+
+    /// Returns the entry's bytes (the header block, then the payload so
+    /// far), for appending payload to.
+    pub fn payload(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+
+    fn payload_len(&self) -> usize {
+        self.bytes.len() - LOG_BLOCK as usize
+    }
 }
 
 /// What replaying the log did.
@@ -187,7 +218,7 @@ impl WriteLog {
 
     /// Takes space for `entries` (each `(slot, blocks)`) on every member at
     /// once, with a sequence number; `None` when they do not fit now.
-    fn try_take(&self, entries: &[(usize, u64)]) -> Option<(u64, u64, Vec<u64>)> {
+    fn try_take(&self, entries: &[(usize, u64)]) -> Option<Taken> {
         let mut st = self.lock();
         st.reclaim();
         let b = self.blocks;
@@ -207,13 +238,21 @@ impl WriteLog {
         let seq = st.next_seq;
         st.next_seq += 1;
         st.in_flight.insert(seq);
+        let mut pressure = false;
         for (&(slot, n), &pos) in entries.iter().zip(&at) {
             if let Some(r) = st.rings.get_mut(slot) {
                 r.head = pos + n;
                 r.live.push_back((seq, pos, pos + n));
+                let tail = r.live.front().map_or(r.head, |e| e.1);
+                pressure |= 2 * (r.head - tail) > b;
             }
         }
-        Some((seq, st.durable_below, at))
+        Some(Taken {
+            seq,
+            durable_below: st.durable_below,
+            at,
+            pressure,
+        })
     }
 
     /// Writes `entries` for stripes `stripes` (a write's part `span`, or
@@ -229,9 +268,14 @@ impl WriteLog {
     ) -> Result<Logged<'a>, IoError> {
         let sizes: Vec<(usize, u64)> = entries
             .iter()
-            .map(|e| (e.slot, fmt::entry_blocks(e.payload.len())))
+            .map(|e| (e.slot, fmt::entry_blocks(e.payload_len())))
             .collect();
-        let (seq, durable_below, at) = loop {
+        let Taken {
+            seq,
+            durable_below,
+            at,
+            pressure,
+        } = loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -243,6 +287,8 @@ impl WriteLog {
             match self.flushing.try_lock() {
                 Ok(_flushing) => {
                     // Make what is complete durable, and its space free.
+                    metrics::counter!("nbdraid_array_log_flushes_total", "array" => array.name.clone())
+                        .increment(1);
                     array.flush_members().await?;
                 }
                 Err(_) => {
@@ -252,7 +298,7 @@ impl WriteLog {
             }
         };
         let logged = Logged { log: self, seq };
-        let writes = entries.into_iter().zip(at).map(|(e, pos)| {
+        let writes = entries.into_iter().zip(at).map(|(mut e, pos)| {
             let header = EntryHeader {
                 array_uuid: self.uuid,
                 seq,
@@ -262,14 +308,28 @@ impl WriteLog {
                 start: span.map_or(0, |s| s.start),
                 len: span.map_or(0, |s| s.len),
                 kind: e.kind,
-                payload_len: e.payload.len() as u32,
+                payload_len: e.payload_len() as u32,
             };
-            let bytes = Bytes::from(fmt::encode(&header, &e.payload));
+            fmt::seal(&mut e.bytes, &header);
+            let bytes = Bytes::from(e.bytes);
             let offset = self.area.start + (pos % self.blocks) * LOG_BLOCK;
             let member = &array.members[e.slot];
             async move { member.write_raw(offset, bytes, true).await }
         });
-        for r in futures::future::join_all(writes).await {
+        // A ring over half full: make what is complete durable now, beside
+        // this entry's write, so that space comes back before a writer
+        // has to wait for it (a flush takes about as long as the entry's
+        // FUA write; one at a time).
+        let early_flush = async {
+            if pressure && let Ok(_flushing) = self.flushing.try_lock() {
+                metrics::counter!("nbdraid_array_log_flushes_total", "array" => array.name.clone())
+                    .increment(1);
+                // A member that fails here is failed; the write sees it.
+                let _ = array.flush_members().await;
+            }
+        };
+        let (results, ()) = futures::join!(futures::future::join_all(writes), early_flush);
+        for r in results {
             if let Err(e) = r
                 && !array.handle(&e).await
             {
@@ -282,34 +342,35 @@ impl WriteLog {
     }
 }
 
-/// Returns the partial parity of `span`'s write over `range` from its new
-/// parity `parity` (P, or Q when `q`): the new parity with the new data of
-/// every chunk the write changes there taken back out.
-pub fn partial_parity(
+/// Adds data chunk `index`'s bytes `src` into P bytes `dst` (XOR), or
+/// into Q bytes when `q` (g^index times them): taking them out is the same.
+fn fold(dst: &mut [u8], src: &[u8], index: usize, q: bool) {
+    if q {
+        gf::mul_slice_xor(parity::q_coefficient(index), src, dst);
+    } else {
+        gf::xor_slice(dst, src);
+    }
+}
+
+/// Turns `parity`, a copy of `span`'s new parity (P, or Q when `q`)
+/// over the in-chunk range `range`, into its partial parity in place: the
+/// new data of every chunk the write changes there taken back out, which
+/// leaves the parity of the chunks it does not change.
+pub fn take_out_new_data(
+    parity: &mut [u8],
     span: &StripeSpan,
     data: &[u8],
     range: &Range<u64>,
-    parity: &[u8],
     q: bool,
-) -> Vec<u8> {
-    let mut out = parity.to_vec();
-    for c in span.chunks() {
-        let lo = c.in_chunk.max(range.start);
-        let hi = (c.in_chunk + c.len).min(range.end);
-        if lo >= hi {
-            continue;
-        }
-        let rel = (c.buf_offset - span.buf_offset + (lo - c.in_chunk)) as usize;
-        let at = (lo - range.start) as usize;
-        let n = (hi - lo) as usize;
-        let (dst, src) = (&mut out[at..at + n], &data[rel..rel + n]);
-        if q {
-            gf::mul_slice_xor(parity::q_coefficient(c.index), src, dst);
-        } else {
-            gf::xor_slice(dst, src);
-        }
+) {
+    for o in span.overlaps(range.clone()) {
+        fold(
+            &mut parity[o.at..o.at + o.len],
+            &data[o.data..o.data + o.len],
+            o.index,
+            q,
+        );
     }
-    out
 }
 
 impl ArrayInner {
@@ -469,17 +530,9 @@ impl ArrayInner {
             let n = (range.end - range.start) as usize;
             let mut out = payload[at..at + n].to_vec();
             at += n;
-            for c in span.chunks() {
-                let lo = c.in_chunk.max(range.start);
-                let hi = (c.in_chunk + c.len).min(range.end);
-                if lo >= hi {
-                    continue;
-                }
-                let cur = match self.members[c.member]
-                    .read(
-                        c.member_offset + (lo - c.in_chunk),
-                        self.buffer((hi - lo) as usize),
-                    )
+            for o in span.overlaps(range.clone()) {
+                let cur = match self.members[o.member]
+                    .read(o.member_offset, self.buffer(o.len))
                     .await
                 {
                     Ok(b) => b,
@@ -488,12 +541,7 @@ impl ArrayInner {
                         return Ok(false);
                     }
                 };
-                let dst = &mut out[(lo - range.start) as usize..(hi - range.start) as usize];
-                if q {
-                    gf::mul_slice_xor(parity::q_coefficient(c.index), &cur, dst);
-                } else {
-                    gf::xor_slice(dst, &cur);
-                }
+                fold(&mut out[o.at..o.at + o.len], &cur, o.index, q);
             }
             if let Err(e) = self.members[member]
                 .write(s.member_offset(range.start), Bytes::from(out), false)
@@ -560,25 +608,18 @@ mod tests {
         assert_eq!(ranges.len(), 2);
         for r in &ranges {
             let (a, b) = (r.start as usize, r.end as usize);
-            let pp = partial_parity(&span, &data, r, &p[a..b], false);
-            let pq = partial_parity(&span, &data, r, &q[a..b], true);
+            let (mut pp, mut pq) = (p[a..b].to_vec(), q[a..b].to_vec());
+            take_out_new_data(&mut pp, &span, &data, r, false);
+            take_out_new_data(&mut pq, &span, &data, r, true);
             // Recovery from the old bytes of the changed chunks (the
             // write never landed) gives the old parity, from the new ones
             // the new parity.
             for (cols, want_p, want_q) in [(&old, &p_old, &q_old), (&new, &p, &q)] {
                 let (mut rp, mut rq) = (pp.clone(), pq.clone());
-                for c in span.chunks() {
-                    let lo = c.in_chunk.max(r.start) as usize;
-                    let hi = ((c.in_chunk + c.len).min(r.end)) as usize;
-                    if lo >= hi {
-                        continue;
-                    }
-                    gf::xor_slice(&mut rp[lo - a..hi - a], &cols[c.index][lo..hi]);
-                    gf::mul_slice_xor(
-                        parity::q_coefficient(c.index),
-                        &cols[c.index][lo..hi],
-                        &mut rq[lo - a..hi - a],
-                    );
+                for o in span.overlaps(r.clone()) {
+                    let cur = &cols[o.index][a + o.at..a + o.at + o.len];
+                    fold(&mut rp[o.at..o.at + o.len], cur, o.index, false);
+                    fold(&mut rq[o.at..o.at + o.len], cur, o.index, true);
                 }
                 assert_eq!(rp, want_p[a..b]);
                 assert_eq!(rq, want_q[a..b]);
@@ -592,8 +633,12 @@ mod tests {
         let log = WriteLog::new(Uuid::from_u128(1), 2, 4 << 20, 1 << 20).unwrap();
         let big = fmt::entry_blocks(1 << 20);
         assert_eq!(big, 257);
-        let (s1, d1, at1) = log.try_take(&[(0, big), (1, 1)]).unwrap();
-        let (s2, _, _) = log.try_take(&[(0, big)]).unwrap();
+        let t1 = log.try_take(&[(0, big), (1, 1)]).unwrap();
+        let (s1, d1, at1) = (t1.seq, t1.durable_below, t1.at);
+        assert!(!t1.pressure, "257 of 768 blocks");
+        let t2 = log.try_take(&[(0, big)]).unwrap();
+        assert!(t2.pressure, "514 of 768 blocks");
+        let s2 = t2.seq;
         assert_eq!(s2, s1 + 1);
         assert_eq!(d1, s1, "nothing is durable before the first write");
         // A third does not fit at the end of the ring (254 blocks left) and
@@ -608,7 +653,8 @@ mod tests {
         let c = log.completed_below();
         assert_eq!(c, s2 + 1);
         log.durable(c);
-        let (s3, d3, at3) = log.try_take(&[(0, big)]).unwrap();
+        let t3 = log.try_take(&[(0, big)]).unwrap();
+        let (s3, d3, at3) = (t3.seq, t3.durable_below, t3.at);
         assert_eq!(d3, s2 + 1);
         assert_eq!(s3, s2 + 1);
         assert_eq!(at3[0] % log.blocks, 0, "wrapped to the start");

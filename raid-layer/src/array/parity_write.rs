@@ -238,16 +238,9 @@ impl ArrayInner {
                         self.read_data_column(span, range.clone()).await?
                     };
                     // Lay the new data over the old column.
-                    for c in span.chunks() {
-                        let lo = c.in_chunk.max(range.start);
-                        let hi = (c.in_chunk + c.len).min(range.end);
-                        if lo >= hi {
-                            continue;
-                        }
-                        let rel = (c.buf_offset - span.buf_offset + (lo - c.in_chunk)) as usize;
-                        let at = (lo - range.start) as usize;
-                        let n = (hi - lo) as usize;
-                        cols[c.index][at..at + n].copy_from_slice(&data[rel..rel + n]);
+                    for o in span.overlaps(range.clone()) {
+                        cols[o.index][o.at..o.at + o.len]
+                            .copy_from_slice(&data[o.data..o.data + o.len]);
                     }
                     let len = (range.end - range.start) as usize;
                     let (p, q) = self.parity_of(redundancy, &cols, len)?;
@@ -284,29 +277,29 @@ impl ArrayInner {
                 continue;
             };
             if plan == Plan::Full {
-                out.push(log::Entry {
-                    slot,
-                    kind: EntryKind::Recompute,
-                    payload: Vec::new(),
-                });
+                out.push(log::Entry::new(slot, EntryKind::Recompute, 0));
                 continue;
             }
-            let mut payload = Vec::new();
+            let kind = if q {
+                EntryKind::PartialQ
+            } else {
+                EntryKind::PartialP
+            };
+            let len = parity
+                .iter()
+                .map(|(r, ..)| (r.end - r.start) as usize)
+                .sum();
+            let mut entry = log::Entry::new(slot, kind, len);
             for (range, p, qb) in parity {
                 let Some(par) = (if q { qb.as_ref() } else { Some(p) }) else {
                     continue;
                 };
-                payload.extend_from_slice(&log::partial_parity(span, data, range, par, q));
+                let buf = entry.payload();
+                let at = buf.len();
+                buf.extend_from_slice(par);
+                log::take_out_new_data(&mut buf[at..], span, data, range, q);
             }
-            out.push(log::Entry {
-                slot,
-                kind: if q {
-                    EntryKind::PartialQ
-                } else {
-                    EntryKind::PartialP
-                },
-                payload,
-            });
+            out.push(entry);
         }
         out
     }
@@ -478,11 +471,7 @@ impl ArrayInner {
                 Some(log) => {
                     let entries = (0..self.members.len())
                         .filter(|&m| self.members[m].writable())
-                        .map(|slot| log::Entry {
-                            slot,
-                            kind: EntryKind::Recompute,
-                            payload: Vec::new(),
-                        })
+                        .map(|slot| log::Entry::new(slot, EntryKind::Recompute, 0))
                         .collect();
                     Some(log.write(self, s..batch_end, None, entries).await?)
                 }

@@ -110,7 +110,26 @@ pub fn entry_blocks(payload_len: usize) -> u64 {
 /// Encodes `header` and `payload` as the entry's bytes (whole blocks).
 /// `header.payload_len` is set from `payload`.
 pub fn encode(header: &EntryHeader, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; (entry_blocks(payload.len()) * LOG_BLOCK) as usize];
+    let mut out = vec![0u8; LOG_BLOCK as usize];
+    out.extend_from_slice(payload);
+    seal(&mut out, header);
+    out
+}
+
+/// Makes `entry` (a header block, still blank, then the payload) a whole
+/// entry in place: pads it to whole blocks and writes the header, with
+/// `payload_len` and both checksums from the payload. Building the
+/// payload right behind its header block spares the copy `encode` makes.
+pub fn seal(entry: &mut Vec<u8>, header: &EntryHeader) {
+    let b = LOG_BLOCK as usize;
+    if entry.len() < b {
+        entry.resize(b, 0);
+    }
+    let payload_len = entry.len() - b;
+    let payload_crc = crc32c::crc32c(&entry[b..]);
+    entry.resize((entry_blocks(payload_len) * LOG_BLOCK) as usize, 0);
+    let out = &mut entry[..b];
+    out.fill(0);
     out[0..8].copy_from_slice(MAGIC);
     out[8..24].copy_from_slice(header.array_uuid.as_bytes());
     out[24..32].copy_from_slice(&header.seq.to_le_bytes());
@@ -120,13 +139,10 @@ pub fn encode(header: &EntryHeader, payload: &[u8]) -> Vec<u8> {
     out[56..64].copy_from_slice(&header.start.to_le_bytes());
     out[64..72].copy_from_slice(&header.len.to_le_bytes());
     out[72] = header.kind.code();
-    out[76..80].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    out[80..84].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out[76..80].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    out[80..84].copy_from_slice(&payload_crc.to_le_bytes());
     let crc = crc32c::crc32c(&out[..HEADER_CRC_AT]);
     out[84..88].copy_from_slice(&crc.to_le_bytes());
-    let b = LOG_BLOCK as usize;
-    out[b..b + payload.len()].copy_from_slice(payload);
-    out
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
