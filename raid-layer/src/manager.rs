@@ -1117,19 +1117,29 @@ impl Manager {
         let entry = e.clone();
         let rate = e.rate.clone();
         tokio::spawn(async move {
-            let mut pacer = Pacer::new(rate);
+            use futures::StreamExt;
             let mut ok = true;
             let mut recorded = Instant::now();
-            for r in regions {
+            // REBUILD_WINDOW regions at a time, each at its share of the
+            // rate; they complete in order (`buffered`), so the frontier
+            // only ever moves over regions that are done.
+            let (inner_ref, tally_ref, rate_ref) = (&inner, &tally, &rate);
+            let mut done = futures::stream::iter(regions)
+                .map(|r| async move {
+                    let mut pacer = Pacer::shared(rate_ref.clone(), REBUILD_WINDOW as u64);
+                    let rows = r * region..(r + 1) * region;
+                    let res = inner_ref
+                        .sync_rows(rows, Pass::Recover(slot), tally_ref, &mut pacer)
+                        .await;
+                    (r, res)
+                })
+                .buffered(REBUILD_WINDOW);
+            while let Some((r, res)) = done.next().await {
                 if entry.stop.is_cancelled() || member.state() != MemberState::Recovering {
                     ok = false;
                     break;
                 }
-                let rows = r * region..(r + 1) * region;
-                if let Err(err) = inner
-                    .sync_rows(rows, Pass::Recover(slot), &tally, &mut pacer)
-                    .await
-                {
+                if let Err(err) = res {
                     tracing::error!(array = %inner.name, member = slot, error = %err, "recovery stopped");
                     ok = false;
                     break;
@@ -1140,6 +1150,9 @@ impl Manager {
                     record_frontier(&inner, &member).await;
                 }
             }
+            // Regions still in flight (after a stop or an error) let go of
+            // their locks and grants now.
+            drop(done);
             lock(&entry.recovering).retain(|s| *s != slot);
             if ok && member.state() == MemberState::Recovering {
                 // What was rebuilt must be durable before the superblocks
@@ -1261,6 +1274,10 @@ enum Recovery {
 /// How often a rebuild's frontier is recorded in the superblocks: what a
 /// restart redoes is at most this much of the rebuild.
 const FRONTIER_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Regions a rebuild works on at once: one stripe at a time leaves every
+/// member idle while each stripe's reads and write make their round trips.
+const REBUILD_WINDOW: usize = 4;
 
 /// Clears the partial-parity log area of member `slot` before it is
 /// written again (re-added, or a new volume in its place): entries it

@@ -119,6 +119,8 @@ impl Tally {
 /// accounting, so the new rate holds from then on.
 pub struct Pacer {
     rate: Arc<AtomicU64>,
+    /// How many pacers share the rate (each keeps to its share).
+    share: u64,
     /// The rate the accounting below was made at.
     at: u64,
     start: Instant,
@@ -128,9 +130,16 @@ pub struct Pacer {
 impl Pacer {
     /// Returns a pacer following `rate`.
     pub fn new(rate: Arc<AtomicU64>) -> Self {
+        Self::shared(rate, 1)
+    }
+
+    /// Returns one of `share` pacers that together follow `rate` (work
+    /// run `share` units at a time, each with its own pacer).
+    pub fn shared(rate: Arc<AtomicU64>, share: u64) -> Self {
         let at = rate.load(Ordering::Relaxed);
         Self {
             rate,
+            share: share.max(1),
             at,
             start: Instant::now(),
             bytes: 0,
@@ -156,7 +165,7 @@ impl Pacer {
             if rate == 0 {
                 return;
             }
-            let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+            let due = Duration::from_secs_f64(self.bytes as f64 * self.share as f64 / rate as f64);
             let elapsed = self.start.elapsed();
             if due <= elapsed {
                 return;
