@@ -205,6 +205,10 @@ pub struct ArrayDaemonConfig {
     pub bitmap_idle_ms: u64,
     /// Resync, recovery and check rate limit in bytes per second (0 = none).
     pub sync_rate: ByteSize,
+    /// The rate they keep to (at most) while the array has served clients
+    /// in the last 100 ms, so that they yield to foreground traffic (md's
+    /// speed_min when busy); 0: no yielding beyond `sync-rate`.
+    pub sync_rate_busy: ByteSize,
     /// Scrub every array this often, in seconds (0 = never): a check, or a
     /// repair with `scrub-repair`.
     pub scrub_interval_secs: u64,
@@ -249,6 +253,7 @@ impl Default for ArrayDaemonConfig {
             safe_mode_delay_ms: 500,
             bitmap_idle_ms: 5000,
             sync_rate: ByteSize(0),
+            sync_rate_busy: ByteSize(64 << 20),
             scrub_interval_secs: 0,
             scrub_repair: false,
             write_log: true,
@@ -339,6 +344,7 @@ impl ArrayDaemonConfig {
             bitmap_idle: Duration::from_millis(self.bitmap_idle_ms),
             max_payload: u32::try_from(self.max_payload.0).unwrap_or(u32::MAX),
             sync_rate: self.sync_rate.0,
+            sync_rate_busy: self.sync_rate_busy.0,
             scrub_interval: Duration::from_secs(self.scrub_interval_secs),
             scrub_repair: self.scrub_repair,
             write_log: self.write_log,
@@ -682,8 +688,18 @@ mod tests {
         assert_eq!(c.members, d.members);
         assert_eq!(c.throttle, d.throttle);
         assert_eq!(
-            (c.safe_mode_delay_ms, c.bitmap_idle_ms, c.sync_rate),
-            (d.safe_mode_delay_ms, d.bitmap_idle_ms, d.sync_rate)
+            (
+                c.safe_mode_delay_ms,
+                c.bitmap_idle_ms,
+                c.sync_rate,
+                c.sync_rate_busy
+            ),
+            (
+                d.safe_mode_delay_ms,
+                d.bitmap_idle_ms,
+                d.sync_rate,
+                d.sync_rate_busy
+            )
         );
     }
 

@@ -53,6 +53,8 @@ pub struct ManagerSettings {
     pub max_payload: u32,
     /// Resync/recovery/check rate limit in bytes per second (0: none).
     pub sync_rate: u64,
+    /// Their rate while clients are being served (0: no yielding).
+    pub sync_rate_busy: u64,
     /// Scrub every array this often (zero: never).
     pub scrub_interval: Duration,
     /// Scheduled scrubs repair (when the array is not degraded).
@@ -79,6 +81,7 @@ impl std::fmt::Debug for ManagerSettings {
             .field("bitmap_idle", &self.bitmap_idle)
             .field("max_payload", &self.max_payload)
             .field("sync_rate", &self.sync_rate)
+            .field("sync_rate_busy", &self.sync_rate_busy)
             .field("scrub_interval", &self.scrub_interval)
             .field("scrub_repair", &self.scrub_repair)
             .field("write_log", &self.write_log)
@@ -98,6 +101,7 @@ impl ManagerSettings {
             accounting: self.accounting,
             throttle: self.throttle.clone(),
             write_log: self.write_log,
+            sync_rate_busy: self.sync_rate_busy,
             ..crate::array::ArrayParams::new(name, self.max_payload)
         }
     }
@@ -112,6 +116,7 @@ impl Default for ManagerSettings {
             bitmap_idle: Duration::from_secs(5),
             max_payload: 32 << 20,
             sync_rate: 0,
+            sync_rate_busy: 64 << 20,
             scrub_interval: Duration::ZERO,
             scrub_repair: false,
             write_log: true,

@@ -123,7 +123,8 @@ pub struct Pacer {
     share: u64,
     /// The rate the accounting below was made at.
     at: u64,
-    start: Instant,
+    /// tokio's clock, so that tests can pause it.
+    start: tokio::time::Instant,
     bytes: u64,
 }
 
@@ -141,7 +142,7 @@ impl Pacer {
             rate,
             share: share.max(1),
             at,
-            start: Instant::now(),
+            start: tokio::time::Instant::now(),
             bytes: 0,
         }
     }
@@ -154,12 +155,22 @@ impl Pacer {
     /// Accounts `n` bytes and sleeps while ahead of the rate (in slices,
     /// so that a changed rate takes effect within 200 ms).
     pub async fn pace(&mut self, n: u64) {
+        self.pace_capped(n, || 0).await
+    }
+
+    /// Like [`Pacer::pace`], at most at `cap()` bytes per second when that
+    /// is not 0 (the array is busy with clients: yield to them).
+    pub async fn pace_capped(&mut self, n: u64, cap: impl Fn() -> u64) {
         self.bytes += n;
         loop {
-            let rate = self.rate.load(Ordering::Relaxed);
+            let rate = match (self.rate.load(Ordering::Relaxed), cap()) {
+                (r, 0) => r,
+                (0, c) => c,
+                (r, c) => r.min(c),
+            };
             if rate != self.at {
                 self.at = rate;
-                self.start = Instant::now();
+                self.start = tokio::time::Instant::now();
                 self.bytes = n;
             }
             if rate == 0 {
@@ -257,7 +268,9 @@ impl ArrayInner {
                     }
                     self.sync_stripe(s, pass, tally).await?;
                     tally.done.fetch_add(g.chunk, Ordering::Relaxed);
-                    pacer.pace(g.chunk * g.members as u64).await;
+                    pacer
+                        .pace_capped(g.chunk * g.members as u64, || self.background_cap())
+                        .await;
                 }
                 Ok(())
             }
@@ -268,7 +281,9 @@ impl ArrayInner {
                     self.sync_copies(at, n, at / MIRROR_UNIT, pass, tally)
                         .await?;
                     tally.done.fetch_add(n, Ordering::Relaxed);
-                    pacer.pace(n * g.members as u64).await;
+                    pacer
+                        .pace_capped(n * g.members as u64, || self.background_cap())
+                        .await;
                     at += n;
                 }
                 Ok(())
@@ -283,7 +298,9 @@ impl ArrayInner {
                 for c in first..last {
                     self.sync_copies(c * g.chunk, g.chunk, c, pass, tally)
                         .await?;
-                    pacer.pace(g.chunk * copies).await;
+                    pacer
+                        .pace_capped(g.chunk * copies, || self.background_cap())
+                        .await;
                 }
                 tally
                     .done
@@ -575,5 +592,41 @@ impl ArrayInner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Virtual seconds `pacer` takes over `n` steps of `step` bytes with
+    /// `cap` (time is paused: sleeps advance it at once).
+    async fn paced(pacer: &mut Pacer, n: u64, step: u64, cap: u64) -> f64 {
+        let start = tokio::time::Instant::now();
+        for _ in 0..n {
+            pacer.pace_capped(step, || cap).await;
+        }
+        start.elapsed().as_secs_f64()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_array_caps_background_passes() {
+        let mib = 1u64 << 20;
+        // No rate and not busy: no waiting at all.
+        let mut free = Pacer::fixed(0);
+        assert_eq!(paced(&mut free, 8, mib, 0).await, 0.0);
+        // Busy (cap 4 MiB/s): 8 MiB take about 2 s.
+        let mut busy = Pacer::fixed(0);
+        let t = paced(&mut busy, 8, mib, 4 * mib).await;
+        assert!((1.7..=2.1).contains(&t), "{t}");
+        // The lower of the rate and the cap wins.
+        let mut both = Pacer::fixed(2 * mib);
+        let t = paced(&mut both, 8, mib, 4 * mib).await;
+        assert!((3.4..=4.1).contains(&t), "{t}");
+        // Four pacers sharing a cap each keep to a quarter of it: 2 MiB
+        // at 1 MiB/s.
+        let mut share = Pacer::shared(Arc::new(AtomicU64::new(0)), 4);
+        let t = paced(&mut share, 2, mib, 4 * mib).await;
+        assert!((1.9..=2.1).contains(&t), "{t}");
     }
 }

@@ -71,6 +71,9 @@ pub struct ArrayParams {
     /// Whether RAID 5/6 writes go through the partial-parity log (off:
     /// measurements only; a dirty, degraded array then needs forcing).
     pub write_log: bool,
+    /// The most background passes do per second while clients are being
+    /// served (0: no yielding).
+    pub sync_rate_busy: u64,
 }
 
 impl ArrayParams {
@@ -85,6 +88,7 @@ impl ArrayParams {
             accounting: true,
             throttle: None,
             write_log: true,
+            sync_rate_busy: 64 << 20,
         }
     }
 }
@@ -128,7 +132,22 @@ pub struct ArrayInner {
     pub state_changed: tokio::sync::watch::Sender<u64>,
     /// The partial-parity log (RAID 5/6 with persistent metadata).
     pub log: Option<log::WriteLog>,
+    /// When clients were last served, for background passes to yield.
+    foreground: Foreground,
+    /// The most background passes do per second while clients are
+    /// served (0: no yielding).
+    pub sync_rate_busy: u64,
 }
+
+/// When a client request last came (milliseconds since `epoch`).
+struct Foreground {
+    epoch: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How recently a client request must have come for the array to count
+/// as busy (background passes then keep to `sync_rate_busy`).
+const BUSY_WINDOW_MS: u64 = 100;
 
 /// An array, served by the engine as a block device.
 #[derive(Clone)]
@@ -211,6 +230,11 @@ impl Array {
             throttle: params.throttle,
             state_changed: tokio::sync::watch::Sender::new(0),
             log,
+            foreground: Foreground {
+                epoch: std::time::Instant::now(),
+                last_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+            },
+            sync_rate_busy: params.sync_rate_busy,
         });
         inner.update_failed();
         Self { inner }
@@ -351,6 +375,24 @@ impl ArrayInner {
         member_io_error(op, &self.name, e)
     }
 
+    /// Notes that a client request came.
+    fn served(&self) {
+        let ms = self.foreground.epoch.elapsed().as_millis() as u64;
+        self.foreground.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The rate background passes keep to now: `sync_rate_busy` when a
+    /// client request came in the last 100 ms, else 0 (no cap).
+    pub fn background_cap(&self) -> u64 {
+        let last = self.foreground.last_ms.load(Ordering::Relaxed);
+        let now = self.foreground.epoch.elapsed().as_millis() as u64;
+        if last != u64::MAX && now.saturating_sub(last) < BUSY_WINDOW_MS {
+            self.sync_rate_busy
+        } else {
+            0
+        }
+    }
+
     /// Returns a pooled buffer of `len` bytes.
     pub fn buffer(&self, len: usize) -> IoBuf {
         self.pool.get(len)
@@ -435,11 +477,13 @@ impl BlockDevice for Array {
     }
 
     fn read(&self, _ctx: IoContext, offset: u64, buf: IoBuf) -> IoFuture<IoBuf> {
+        self.inner.served();
         let inner = self.inner.clone();
         boxed(async move { inner.read(offset, buf).await })
     }
 
     fn write(&self, _ctx: IoContext, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<()> {
+        self.inner.served();
         let inner = self.inner.clone();
         boxed(async move {
             let data = Bytes::from_owner(buf);
