@@ -260,15 +260,7 @@ pub async fn assemble(
     // member is out of sync are at risk: below a rebuild's frontier every
     // member is in sync, so a crash during a rebuild with no write beyond
     // the frontier starts without being forced.
-    let in_sync_below = members
-        .iter()
-        .map(|m| match m.state() {
-            MemberState::Active => u64::MAX,
-            MemberState::Recovering => m.recovered(),
-            MemberState::Faulty | MemberState::Missing => 0,
-        })
-        .min()
-        .unwrap_or(u64::MAX);
+    let in_sync_below = crate::member::in_sync_below(&members);
     let region = bitmap_geometry.region.max(1);
     let at_risk: Vec<u64> = if clean {
         Vec::new()

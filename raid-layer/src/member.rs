@@ -210,6 +210,21 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Returns the member data offset below which every one of `members` is
+/// in sync: 0 while one is failed or missing, the lowest rebuild frontier
+/// while members are recovering, `u64::MAX` when all are active.
+pub fn in_sync_below(members: &[Arc<Member>]) -> u64 {
+    members
+        .iter()
+        .map(|m| match m.state() {
+            MemberState::Active => u64::MAX,
+            MemberState::Recovering => m.recovered(),
+            MemberState::Faulty | MemberState::Missing => 0,
+        })
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
 /// The client settings for a member: several connections, no per-request
 /// deadline (a slow member is throttled, not failed), and the liveness
 /// timeout as the stall detector (a member with work outstanding that

@@ -267,19 +267,10 @@ impl ArrayInner {
         self.members.iter().any(|m| !m.readable())
     }
 
-    /// Returns the member data offset below which every member is in sync:
-    /// 0 while one is failed or missing, the lowest rebuild frontier while
-    /// members are recovering, `u64::MAX` when all are active.
+    /// Returns the member data offset below which every member is in sync
+    /// ([`crate::member::in_sync_below`]).
     pub fn in_sync_below(&self) -> u64 {
-        self.members
-            .iter()
-            .map(|m| match m.state() {
-                MemberState::Active => u64::MAX,
-                MemberState::Recovering => m.recovered(),
-                MemberState::Faulty | MemberState::Missing => 0,
-            })
-            .min()
-            .unwrap_or(u64::MAX)
+        crate::member::in_sync_below(&self.members)
     }
 
     /// Recomputes whether the array can still serve every byte, and tells
