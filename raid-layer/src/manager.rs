@@ -1401,6 +1401,18 @@ pub fn describe_metrics() {
         "Total time foreground requests waited for member grants."
     );
     describe_counter!(
+        "nbdraid_array_log_entries_total",
+        "Stripe writes logged in the partial-parity log (RAID 5/6)."
+    );
+    describe_counter!(
+        "nbdraid_array_log_waits_total",
+        "Times a stripe write found no room in a member's partial-parity log ring and waited."
+    );
+    describe_counter!(
+        "nbdraid_array_log_flushes_total",
+        "Member flushes made to give partial-parity log space back (on a full or half-full ring)."
+    );
+    describe_counter!(
         "nbdraid_array_member_failures_total",
         "Members failed (EIO, lost connection, no progress within the liveness timeout)."
     );

@@ -84,6 +84,10 @@ pub struct WriteLog {
     state: Mutex<State>,
     space: tokio::sync::Notify,
     flushing: tokio::sync::Mutex<()>,
+    /// Entries written, waits for ring space, flushes made for space.
+    entries_total: metrics::Counter,
+    waits_total: metrics::Counter,
+    flushes_total: metrics::Counter,
 }
 
 /// Space taken for a write's entries.
@@ -112,7 +116,7 @@ impl Drop for Logged<'_> {
 }
 
 /// One entry to write: member slot, kind, and its bytes so far (a blank
-/// header block, then the payload: see [`Entry::payload`]).
+/// header block, then the payload: see [`Entry::append`]).
 pub struct Entry {
     /// The member it goes to.
     pub slot: usize,
@@ -131,10 +135,12 @@ impl Entry {
         Self { slot, kind, bytes }
     }
 
-    /// Returns the entry's bytes (the header block, then the payload so
-    /// far), for appending payload to.
-    pub fn payload(&mut self) -> &mut Vec<u8> {
-        &mut self.bytes
+    /// Appends `bytes` to the payload and returns them, in place, to be
+    /// worked on there.
+    pub fn append(&mut self, bytes: &[u8]) -> &mut [u8] {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        &mut self.bytes[at..]
     }
 
     fn payload_len(&self) -> usize {
@@ -157,10 +163,16 @@ pub struct ReplayReport {
 }
 
 impl WriteLog {
-    /// Returns the log of array `uuid` over `members` members whose data
-    /// starts at `data_offset`, `None` when there is no room for one
-    /// (a journal area smaller than two of the largest entries).
-    pub fn new(uuid: Uuid, members: usize, data_offset: u64, chunk: u64) -> Option<Self> {
+    /// Returns the log of array `name` (`uuid`) over `members` members
+    /// whose data starts at `data_offset`, `None` when there is no room for
+    /// one (a journal area smaller than two of the largest entries).
+    pub fn new(
+        name: &str,
+        uuid: Uuid,
+        members: usize,
+        data_offset: u64,
+        chunk: u64,
+    ) -> Option<Self> {
         let area = journal_range(data_offset);
         let blocks = (area.end - area.start) / LOG_BLOCK;
         if chunk > MAX_LOGGED_CHUNK || blocks < 2 * fmt::entry_blocks(chunk as usize) {
@@ -185,12 +197,10 @@ impl WriteLog {
             }),
             space: tokio::sync::Notify::new(),
             flushing: tokio::sync::Mutex::new(()),
+            entries_total: metrics::counter!("nbdraid_array_log_entries_total", "array" => name.to_string()),
+            waits_total: metrics::counter!("nbdraid_array_log_waits_total", "array" => name.to_string()),
+            flushes_total: metrics::counter!("nbdraid_array_log_flushes_total", "array" => name.to_string()),
         })
-    }
-
-    /// Returns the journal area (member raw offsets).
-    pub fn area(&self) -> Range<u64> {
-        self.area.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -219,8 +229,8 @@ impl WriteLog {
     /// Takes space for `entries` (each `(slot, blocks)`) on every member at
     /// once, with a sequence number; `None` when they do not fit now.
     fn try_take(&self, entries: &[(usize, u64)]) -> Option<Taken> {
+        // Space comes back in `durable`, the only place the watermark moves.
         let mut st = self.lock();
-        st.reclaim();
         let b = self.blocks;
         let mut at = Vec::with_capacity(entries.len());
         for &(slot, n) in entries {
@@ -282,15 +292,9 @@ impl WriteLog {
             if let Some(t) = self.try_take(&sizes) {
                 break t;
             }
-            metrics::counter!("nbdraid_array_log_waits_total", "array" => array.name.clone())
-                .increment(1);
+            self.waits_total.increment(1);
             match self.flushing.try_lock() {
-                Ok(_flushing) => {
-                    // Make what is complete durable, and its space free.
-                    metrics::counter!("nbdraid_array_log_flushes_total", "array" => array.name.clone())
-                        .increment(1);
-                    array.flush_members().await?;
-                }
+                Ok(_flushing) => self.flush_for_space(array).await?,
                 Err(_) => {
                     let _ =
                         tokio::time::timeout(std::time::Duration::from_millis(100), notified).await;
@@ -322,10 +326,8 @@ impl WriteLog {
         // FUA write; one at a time).
         let early_flush = async {
             if pressure && let Ok(_flushing) = self.flushing.try_lock() {
-                metrics::counter!("nbdraid_array_log_flushes_total", "array" => array.name.clone())
-                    .increment(1);
                 // A member that fails here is failed; the write sees it.
-                let _ = array.flush_members().await;
+                let _ = self.flush_for_space(array).await;
             }
         };
         let (results, ()) = futures::join!(futures::future::join_all(writes), early_flush);
@@ -336,9 +338,16 @@ impl WriteLog {
                 return Err(array.io_error("write", &e));
             }
         }
-        metrics::counter!("nbdraid_array_log_entries_total", "array" => array.name.clone())
-            .increment(1);
+        self.entries_total.increment(1);
         Ok(logged)
+    }
+
+    /// Makes what is complete durable, which gives its space back (every
+    /// member flush advances the watermark: `ArrayInner::flush_members`).
+    /// The caller holds `flushing`.
+    async fn flush_for_space(&self, array: &ArrayInner) -> Result<(), IoError> {
+        self.flushes_total.increment(1);
+        array.flush_members().await
     }
 }
 
@@ -630,7 +639,7 @@ mod tests {
     #[test]
     fn ring_space_comes_back_only_when_durable() {
         // 3 MiB area: 768 blocks; entries of 257 blocks (a 1 MiB chunk).
-        let log = WriteLog::new(Uuid::from_u128(1), 2, 4 << 20, 1 << 20).unwrap();
+        let log = WriteLog::new("t", Uuid::from_u128(1), 2, 4 << 20, 1 << 20).unwrap();
         let big = fmt::entry_blocks(1 << 20);
         assert_eq!(big, 257);
         let t1 = log.try_take(&[(0, big), (1, 1)]).unwrap();
@@ -661,8 +670,8 @@ mod tests {
         // In flight holds the watermark back.
         assert_eq!(log.completed_below(), s3);
         // A chunk over 1 MiB gets no log.
-        assert!(WriteLog::new(Uuid::from_u128(1), 2, 4 << 20, 2 << 20).is_none());
+        assert!(WriteLog::new("t", Uuid::from_u128(1), 2, 4 << 20, 2 << 20).is_none());
         // Nor a data offset that leaves no journal area.
-        assert!(WriteLog::new(Uuid::from_u128(1), 2, 1 << 20, 64 * K).is_none());
+        assert!(WriteLog::new("t", Uuid::from_u128(1), 2, 1 << 20, 64 * K).is_none());
     }
 }

@@ -197,7 +197,13 @@ impl Array {
         ));
         let log = match (params.write_log, g.level.redundancy(), meta.snapshot()) {
             (true, Some(_), Some(sb)) => {
-                let log = log::WriteLog::new(sb.array_uuid, members.len(), sb.data_offset, g.chunk);
+                let log = log::WriteLog::new(
+                    &params.name,
+                    sb.array_uuid,
+                    members.len(),
+                    sb.data_offset,
+                    g.chunk,
+                );
                 if log.is_none() {
                     tracing::warn!(
                         array = %params.name,

@@ -294,10 +294,7 @@ impl ArrayInner {
                 let Some(par) = (if q { qb.as_ref() } else { Some(p) }) else {
                     continue;
                 };
-                let buf = entry.payload();
-                let at = buf.len();
-                buf.extend_from_slice(par);
-                log::take_out_new_data(&mut buf[at..], span, data, range, q);
+                log::take_out_new_data(entry.append(par), span, data, range, q);
             }
             out.push(entry);
         }
