@@ -99,9 +99,6 @@ pub struct ArrayMeta {
     /// Milliseconds since `epoch` at the end of the last write.
     last_write_ms: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
-    /// Whether writes go through the partial-parity log; recorded in the
-    /// superblock whenever the array is marked dirty.
-    logging: AtomicBool,
 }
 
 fn now_unix() -> u64 {
@@ -118,7 +115,6 @@ impl ArrayMeta {
             in_flight: Arc::new(AtomicUsize::new(0)),
             last_write_ms: Default::default(),
             epoch: std::time::Instant::now(),
-            logging: AtomicBool::new(false),
         })
     }
 
@@ -170,19 +166,14 @@ impl ArrayMeta {
             .is_none_or(|p| p.clean.load(Ordering::SeqCst))
     }
 
-    /// Says whether the array's writes go through the partial-parity log.
-    pub fn set_logging(&self, on: bool) {
-        self.logging.store(on, Ordering::SeqCst);
-    }
-
     /// Makes the superblock of a dirty array say whether this run logs
-    /// its writes (assembly: the previous run's answer is what a replay
-    /// just relied on; from now on it must be this run's).
+    /// its writes (`array.log`; assembly: the previous run's answer is what
+    /// a replay just relied on; from now on it must be this run's).
     pub async fn record_logging(&self, array: &ArrayInner) -> Result<(), IoError> {
         let Some(p) = &self.persisted else {
             return Ok(());
         };
-        let on = self.logging.load(Ordering::SeqCst);
+        let on = array.log.is_some();
         let mut st = p.state.lock().await;
         if st.sb.clean || st.sb.write_log == on {
             return Ok(());
@@ -219,7 +210,8 @@ impl ArrayMeta {
             let mut st = p.state.lock().await;
             if st.sb.clean {
                 st.sb.clean = false;
-                st.sb.write_log = self.logging.load(Ordering::SeqCst);
+                // Whether these writes go through the partial-parity log.
+                st.sb.write_log = array.log.is_some();
                 self.write_superblocks(array, &mut st).await?;
                 p.clean.store(false, Ordering::SeqCst);
             }

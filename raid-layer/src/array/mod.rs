@@ -216,7 +216,6 @@ impl Array {
             }
             _ => None,
         };
-        meta.set_logging(log.is_some());
         let inner = Arc::new(ArrayInner {
             name: params.name,
             layout,
