@@ -958,8 +958,15 @@ impl Manager {
         for c in old_clients.into_iter().flatten() {
             c.close(Duration::from_millis(10)).await;
         }
+        // The new member and its rebuild appear in the status together:
+        // a tally stands in from the moment the slot changes hands until
+        // the rebuild puts up its own (or the replacement fails).
+        let before = lock(&e.sync).replace(Tally::new("recovery", inner.layout.member_data_size()));
         member.set_uri(uri);
-        clear_log(&inner, slot).await?;
+        if let Err(err) = clear_log(&inner, slot).await {
+            *lock(&e.sync) = before;
+            return Err(err);
+        }
         let member_uuid = Uuid::new_v4();
         if let Err(err) = inner
             .meta
@@ -968,6 +975,7 @@ impl Manager {
         {
             member.set_state(MemberState::Faulty);
             inner.update_failed();
+            *lock(&e.sync) = before;
             return Err(AdminError::Unavailable(format!(
                 "array {name:?}: cannot set up {uri} as member {slot}: {err}"
             )));

@@ -276,10 +276,19 @@ impl Member {
     }
 
     /// Gives the slot to the volume at `uri` (a replacement): callers set
-    /// its client and state next.
+    /// its client and state next. The slot's counters start again from
+    /// zero, so the old member's errors are not shown as the new one's.
     pub fn set_uri(&self, uri: &str) {
         self.grpc.store(Arc::new(grpc_of(uri)));
         self.uri.store(Arc::new(uri.to_string()));
+        for c in [
+            &self.stats.reads,
+            &self.stats.writes,
+            &self.stats.errors,
+            &self.stats.latency_us,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Returns the member's state.

@@ -180,6 +180,9 @@ fn a_spare_takes_over_after_a_sigkill() {
         member(s, 1)["uri"] == spare.as_str()
     });
     assert_eq!(s["spares"].as_array().map(Vec::len), Some(0), "{s:#}");
+    // The slot's counters are the spare's own: the dead member's failed
+    // requests are not shown against it.
+    assert_eq!(member(&s, 1)["errors"], 0, "{s:#}");
     // `status --watch` follows the rebuild to its end: piped, a plain
     // progress line at a time, then the status.
     let out = array.cli(&["status", "r5", "--watch", "--interval", "0.5"]);
