@@ -19,14 +19,15 @@ tests/install-deps.sh
 # A fresh clone gains nothing from incremental compilation but gigabytes
 # of target/; set CARGO_INCREMENTAL=1 to keep it for repeated local runs.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-# The build takes about 4 GB and the tests write up to about 3 GB of
-# volume data under the temporary directory; a disk that fills up fails
-# them with ENOSPC, so say so up front.
+# From a clean clone the build takes about 2 GiB and the tests hold up to
+# about 2 GiB of volume data at once under the temporary directory
+# (measured with df during a run); a disk that fills up fails them with
+# ENOSPC, so say so up front.
 for where in . "${TMPDIR:-/tmp}"; do
     free_kb=$(df -Pk "$where" | awk 'NR == 2 { print $4 }')
-    if [ "${free_kb:-0}" -lt $((6 * 1024 * 1024)) ]; then
+    if [ "${free_kb:-0}" -lt $((5 * 1024 * 1024)) ]; then
         echo "tests/run.sh: warning: only $((free_kb / 1024)) MiB free under $where;" \
-            "the build and the tests need about 6 GiB, and fail with ENOSPC without it" >&2
+            "the build and the tests need about 5 GiB, and fail with ENOSPC without it" >&2
     fi
 done
 
