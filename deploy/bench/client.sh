@@ -13,28 +13,12 @@
 #
 # --no-build skips cargo (uses the existing target/release binaries).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
-target=${CARGO_TARGET_DIR:-$root/target}
-
-build=1 args=()
-for a in "$@"; do
-  case $a in
-    --no-build) build=0; continue ;;
-    -h | --help) build=0 ;;
-  esac
-  args+=("$a")
-done
-
-for tool in fio nbdkit nbdcopy taskset; do
-  command -v "$tool" >/dev/null || { echo "client.sh: $tool is required" >&2; exit 1; }
-done
-if ((build)); then
-  echo "building nbdraid and nbdraid-node (release)" >&2
-  (cd "$root" && cargo build --release -p nbdraid-cli -p nbdraid-node)
-fi
-
-export CLIENT_SH="deploy/bench/client.sh"
-exec python3 "$here/client.py" --nbdraid-bin "$target/release/nbdraid" \
-  --node-bin "$target/release/nbdraid-node" "${args[@]}"
+bench_tools=(fio nbdkit nbdcopy taskset)
+bench_first=(--nbdraid-bin "$bench_target/release/nbdraid"
+  --node-bin "$bench_target/release/nbdraid-node")
+bench_building="nbdraid and nbdraid-node"
+bench_cargo=(-p nbdraid-cli -p nbdraid-node)
+bench_env=(CLIENT_SH=deploy/bench/client.sh)
+bench_run client.sh client.py "$@"

@@ -5,19 +5,12 @@
 #   deploy/bench/memory.sh [--part node|stack|all] [--runtime 30] [--limit 3G] [--json out.json]
 # --no-build skips cargo (uses the existing target/release binaries).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-build=1 args=()
-for a in "$@"; do
-  case $a in
-    --no-build) build=0; continue ;;
-    -h | --help) build=0 ;;
-  esac
-  args+=("$a")
-done
-if ((build)); then
-  # The node with fault injection (the slowed-down storage); the stack part
-  # also needs the array daemon and the CLI.
-  cargo build --release -p nbdraid-node --features nbdraid-node/fault-injection \
-    -p nbdraid-raid -p nbdraid-cli
-fi
-exec python3 deploy/bench/memory.py "${args[@]}"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# The node with fault injection (the slowed-down storage); the stack part
+# also needs the array daemon and the CLI.
+bench_cargo=(-p nbdraid-node --features nbdraid-node/fault-injection -p nbdraid-raid -p nbdraid-cli)
+# memory.py runs from the repository root, where relative paths given to it
+# (--json, --workdir...) have always been resolved.
+cd "$bench_root"
+bench_run memory.sh memory.py "$@"

@@ -12,18 +12,14 @@
 # --no-build skips cargo (uses the existing target/release/nbdraid-node);
 # --node-bin PATH runs that binary instead (and skips cargo too).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
-target=${CARGO_TARGET_DIR:-$root/target}
-
-build=1 need_node=1 args=() prev= node_bin=("--node-bin" "$target/release/nbdraid-node")
+# The node is built only when an nbdraid server is among --servers (all
+# servers are, by default).
+need_node=1 prev=''
 for a in "$@"; do
-  case $a in
-    --no-build) build=0; continue ;;
-    -h | --help | --list-rows) build=0 ;;
-    --node-bin | --node-bin=*) build=0 node_bin=() ;;
-  esac
+  # --no-build is not passed on, so it is never the value of --servers.
+  case $a in --no-build) continue ;; esac
   servers=
   case $a in --servers=*) servers=${a#--servers=} ;; esac
   [[ $prev == --servers ]] && servers=$a
@@ -32,13 +28,13 @@ for a in "$@"; do
     IFS=, read -ra list <<<"$servers"
     for s in "${list[@]}"; do [[ ${s%%:*} == nbdraid ]] && need_node=1; done
   fi
-  args+=("$a")
   prev=$a
 done
 
-if ((build && need_node)); then
-  echo "building nbdraid-node (release)" >&2
-  (cd "$root" && cargo build --release -p nbdraid-node)
+bench_print_only=(--list-rows)
+bench_bin=(--node-bin "$bench_target/release/nbdraid-node")
+if ((need_node)); then
+  bench_building=nbdraid-node
+  bench_cargo=(-p nbdraid-node)
 fi
-
-exec python3 "$here/peers.py" "${node_bin[@]}" "${args[@]}"
+bench_run peers.sh peers.py "$@"

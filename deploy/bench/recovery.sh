@@ -18,30 +18,11 @@
 # --no-build skips cargo (uses the existing target/release binaries);
 # --bin-dir DIR runs the binaries in DIR instead (and skips cargo too).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
-target=${CARGO_TARGET_DIR:-$root/target}
-
-build=1 args=() bin_dir=("--bin-dir" "$target/release")
-for a in "$@"; do
-  case $a in
-    --no-build) build=0; continue ;;
-    -h | --help) build=0 ;;
-    --bin-dir | --bin-dir=*) build=0 bin_dir=() ;;
-  esac
-  args+=("$a")
-done
-
-for tool in fio qemu-io nbdinfo taskset; do
-  command -v "$tool" >/dev/null || { echo "recovery.sh: $tool is required" >&2; exit 1; }
-done
-if ((build)); then
-  echo "building nbdraid-node, nbdraid-array and nbdraid (release)" >&2
-  (cd "$root" && cargo build --release -p nbdraid-node -p nbdraid-raid -p nbdraid-cli)
-fi
-
-# The command as typed, for the report.
-RECOVERY_SH_CMD="deploy/bench/recovery.sh$(printf ' %q' "$@")"
-export RECOVERY_SH_CMD
-exec python3 "$here/recovery.py" "${bin_dir[@]}" "${args[@]}"
+bench_tools=(fio qemu-io nbdinfo taskset)
+bench_bin=(--bin-dir "$bench_target/release")
+bench_building="nbdraid-node, nbdraid-array and nbdraid"
+bench_cargo=(-p nbdraid-node -p nbdraid-raid -p nbdraid-cli)
+bench_report=RECOVERY_SH_CMD
+bench_run recovery.sh recovery.py "$@"
