@@ -66,7 +66,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import shutil
 import signal
 import statistics
@@ -75,11 +74,11 @@ import sys
 import tempfile
 import time
 
-from benchlib import (CLK_TCK, Proc, busy_cores, fill_random,
-                      first_line, fmt_k, git_state, listening_port, log, log_tail, parse_size,
-                      prom_samples, raise_on_signals, read_fio_job, run_child, scrape_metrics,
-                      self_cpu, start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks,
-                      wait_quiet)
+from benchlib import (CLK_TCK, Proc, busy_cores, command_line, cpu_model, f2, fill_random,
+                      first_line, fmt_k, git_state, listening_port, log, log_tail, median_of,
+                      parse_size, prom_samples, raise_on_signals, read_fio_job, run_child,
+                      scrape_metrics, self_cpu, start_with_ready_file, sys_cpu, taskset,
+                      tree_cpu_ticks, wait_quiet, write_raw_json)
 import peers  # (the node benchmark's fio rows and fio runner)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -716,11 +715,6 @@ def run_cell(ctx, row, cfg, pass_no):
 # Summaries and output
 
 
-def median_of(passes, key):
-    vals = [p[key] for p in passes if p.get(key) is not None]
-    return statistics.median(vals) if vals else None
-
-
 def summarize(passes):
     good = [p["chosen"] for p in passes if "error" not in p["chosen"]]
     if not good:
@@ -789,10 +783,6 @@ def evaluate(ctx, row, summ, configs):
             e["vs_quorum"] = vs
         out[cfg.name] = e
     return out
-
-
-def f2(x, fmt="{:.2f}"):
-    return "-" if x is None else fmt.format(x)
 
 
 def print_row_table(row, summ, ev, configs, passes):
@@ -894,13 +884,7 @@ def print_summary(results, configs):
 
 
 def environment(ctx):
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    env = {"kernel": platform.release(), "cpu_model": cpu, "cpus": os.cpu_count(),
+    env = {"kernel": platform.release(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "fio": first_line(["fio", "--version"]),
            "qemu-storage-daemon": first_line(["qemu-storage-daemon", "--version"])}
     for b in BINARIES:
@@ -1099,8 +1083,7 @@ def run(a, argv, ctx, rows, configs):
     env = environment(ctx)
     try:
         print("# nbdraid array benchmark")
-        print("command: " + os.environ.get("ARRAY_SH_CMD", " ".join(
-            shlex.quote(x) for x in [sys.argv[0]] + argv)))
+        print("command: " + command_line(argv, "ARRAY_SH_CMD"))
         for k, v in env.items():
             print(f"{k:>26}: {v}")
         print(f"{'settings':>26}: {ctx.passes} passes x {ctx.runtime:g}s, chunk {ctx.chunk_spec}, "
@@ -1147,10 +1130,7 @@ def run(a, argv, ctx, rows, configs):
         print(f"total time {time.monotonic() - t_start:.0f}s")
     finally:
         if a.json:  # also what an interrupted run measured so far
-            with open(a.json, "w") as f:
-                json.dump({"environment": env, "config": config, "results": results}, f,
-                          indent=1, default=str)
-            log(f"raw numbers in {a.json}")
+            write_raw_json(a.json, {"environment": env, "config": config, "results": results})
     return 0
 
 

@@ -1,5 +1,5 @@
 """What the benchmarks in deploy/bench share (peers.py, client.py, memory.py,
-arraybench.py, throttle.py).
+arraybench.py, throttle.py, recovery.py).
 
 * Processes: `Proc` starts a process in its own session and stops it only
   by its PID (SIGTERM, bounded wait, SIGKILL, then any descendants left);
@@ -20,6 +20,9 @@ arraybench.py, throttle.py).
   `fio_nbd_jobs_cmd` (several jobs, one report per job), `run_fio_json`,
   `read_fio_job` and `read_fio_jobs` (its JSON output), `fio_stats`
   (throughput and latency percentiles of one job).
+* Reports: `median` and `median_of` (over passes, skipping missing values),
+  `f2` (a number or '-'), `cpu_model`, `command_line` (the command as
+  typed) and `write_raw_json` (the --json file).
 
 Standard library only; every wait is bounded.
 """
@@ -27,8 +30,10 @@ Standard library only; every wait is bounded.
 import json
 import os
 import resource
+import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +63,23 @@ def fmt_k(x):
     return f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:.0f}"
 
 
+def f2(x, fmt="{:.2f}"):
+    """`x` formatted by `fmt` (two decimals by default), '-' for None."""
+    return "-" if x is None else fmt.format(x)
+
+
+def median(vals):
+    """The median of the values that are not None; None if there are none
+    (a pass that failed or did not measure it)."""
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def median_of(passes, key):
+    """The median of `key` over the passes (dicts) that have a value for it."""
+    return median([p.get(key) for p in passes])
+
+
 def log_tail(path, n=15):
     try:
         with open(path, errors="replace") as f:
@@ -75,6 +97,31 @@ def first_line(cmd):
         return (r.stdout + r.stderr).strip().splitlines()[0]
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return "unavailable"
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, "unknown" if it names none."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def command_line(argv, env_var=None):
+    """The command as typed, for a report: the .sh wrapper exports it in
+    `env_var` (its own name, --no-build included, without the binaries it
+    adds); run directly, this script and `argv`."""
+    direct = " ".join(shlex.quote(x) for x in [sys.argv[0]] + argv)
+    return os.environ.get(env_var, direct) if env_var else direct
+
+
+def write_raw_json(path, doc):
+    """Writes a run's raw numbers `doc` to `path` as JSON (what JSON has no
+    type for as its str()) and says where on stderr."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    log(f"raw numbers in {path}")
 
 
 def git_state(root, paths):

@@ -45,14 +45,13 @@ import json
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (CLK_TCK, Proc, busy_cores, descendants, fill_random,  # noqa: E402
-                      fio_nbd_cmd, first_line, fmt_k, git_state, log, log_tail, parse_size,
+                      fio_nbd_cmd, first_line, fmt_k, git_state, log, log_tail, median, parse_size,
                       proc_comm, proc_stat, raise_on_signals, run_child, run_fio_json, self_cpu,
                       start_nbdkit, start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks,
                       wait_no_children, wait_quiet)
@@ -266,18 +265,13 @@ def run_cell(ctx, srv, row, client, pass_no):
 # Summary
 
 
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
 def summarize(cells):
     good = [c for c in cells if "error" not in c]
     if not good:
         return {"error": cells[-1]["error"] if cells else "not run"}
     keys = ("iops", "client_us_per_io", "server_us_per_io", "client_cores", "p50_us", "p99_us",
             "own_cpu_s", "softirq_us_per_io", "client_cpus_busy_us_per_io")
-    s = {k: med([c.get(k) for c in good]) for k in keys}
+    s = {k: median([c.get(k) for c in good]) for k in keys}
     s["passes"] = len(good)
     s["disturbed"] = any(c["disturbed"] for c in good)
     iops = [c["iops"] for c in good]

@@ -40,23 +40,21 @@ then SIGKILL), on success, error or signal.
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (CLK_TCK, KIB, Proc, busy_cores, fill_random, fio_nbd_cmd,  # noqa: E402
-                      first_line, fmt_k, free_port, git_state, log, log_tail, parse_size,
-                      proc_comm, raise_on_signals, run_child, run_fio_json, self_cpu,
-                      start_nbdkit, start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks,
-                      wait_no_children, wait_quiet)
+from benchlib import (CLK_TCK, KIB, Proc, busy_cores, command_line, cpu_model,  # noqa: E402
+                      fill_random, fio_nbd_cmd, first_line, fmt_k, free_port, git_state, log,
+                      log_tail, median_of, parse_size, proc_comm, raise_on_signals, run_child,
+                      run_fio_json, self_cpu, start_nbdkit, start_with_ready_file, sys_cpu,
+                      taskset, tree_cpu_ticks, wait_no_children, wait_quiet, write_raw_json)
 
 EXPORT = "bench"
 PEERS = ("nbd-server", "nbdkit", "qemu-nbd")
@@ -391,11 +389,6 @@ def run_cell(ctx, row, srv, pass_no):
 # Summaries and output
 
 
-def median_of(passes, key):
-    vals = [p[key] for p in passes if p.get(key) is not None]
-    return statistics.median(vals) if vals else None
-
-
 def summarize(passes):
     good = [p["chosen"] for p in passes if "error" not in p["chosen"]]
     if not good:
@@ -495,14 +488,8 @@ def print_summary(results, servers):
 
 
 def environment(ctx, servers):
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     env = {
-        "kernel": platform.release(), "cpu_model": cpu, "cpus": os.cpu_count(),
+        "kernel": platform.release(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "fio": first_line(["fio", "--version"]),
         "nbdcopy": first_line(["nbdcopy", "--version"]),
@@ -673,7 +660,7 @@ def main(argv):
     env = environment(ctx, servers)
     try:
         print("# NBD server side-by-side benchmark")
-        print("command: " + " ".join(shlex.quote(x) for x in [sys.argv[0]] + argv))
+        print("command: " + command_line(argv))
         for k, v in env.items():
             print(f"{k:>26}: {v}")
         print(f"{'settings':>26}: {ctx.passes} passes x {ctx.runtime:g}s, size {ctx.size_spec}, "
@@ -712,10 +699,7 @@ def main(argv):
     finally:
         Proc.stop_all()
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"environment": env, "config": config, "results": results}, f,
-                          indent=1, default=str)
-            log(f"raw numbers in {a.json}")
+            write_raw_json(a.json, {"environment": env, "config": config, "results": results})
         if a.keep:
             log(f"kept {ctx.workdir}")
         else:

@@ -67,16 +67,15 @@ import json
 import math
 import os
 import resource
-import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 
-from benchlib import (CLK_TCK, MIB, Proc, busy_cores, fill_random, fio_nbd_cmd, fio_stats,
-                      first_line, log, log_tail, read_fio_job, run_child, run_fio_json,
-                      start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks, wait_quiet)
+from benchlib import (CLK_TCK, MIB, Proc, busy_cores, command_line, fill_random, fio_nbd_cmd,
+                      fio_stats, first_line, log, log_tail, median, read_fio_job, run_child,
+                      run_fio_json, start_with_ready_file, sys_cpu, taskset, tree_cpu_ticks,
+                      wait_quiet, write_raw_json)
 import arraybench as ab
 
 ARRAY = "r5"
@@ -604,11 +603,6 @@ def latency(a, ctx, stack):
 # Output
 
 
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-
-
 def get(d, *path):
     for k in path:
         if not isinstance(d, dict) or k not in d:
@@ -662,12 +656,12 @@ def summarize_and_print(a, stack, passes):
         mw = [r.get("member_write") for r in passes]
         rb = col["rebuild"]
         ratios = [ratio(get(b, "mb_s"), get(m, "mb_s")) for b, m in zip(rb, mw)]
-        s["member_write_mb_s"] = med([get(m, "mb_s") for m in mw])
-        s["rebuild_mb_s"] = med([get(b, "mb_s") for b in rb])
-        s["rebuild_vs_member_write"] = med(ratios)
-        s["rebuild_s"] = med([get(b, "secs") for b in rb])
-        s["rebuild_daemon_s"] = med([get(b, "daemon_secs") for b in rb])
-        s["rebuild_copied"] = med([get(b, "copied") for b in rb])
+        s["member_write_mb_s"] = median([get(m, "mb_s") for m in mw])
+        s["rebuild_mb_s"] = median([get(b, "mb_s") for b in rb])
+        s["rebuild_vs_member_write"] = median(ratios)
+        s["rebuild_s"] = median([get(b, "secs") for b in rb])
+        s["rebuild_daemon_s"] = median([get(b, "daemon_secs") for b in rb])
+        s["rebuild_copied"] = median([get(b, "copied") for b in rb])
         rows = [
             ("member write, fio 1M seq QD8, MB/s", [get(m, "mb_s") for m in mw], "{:.0f}",
              s["member_write_mb_s"]),
@@ -679,9 +673,9 @@ def summarize_and_print(a, stack, passes):
             ("rebuild s (the daemon's log)", [get(b, "daemon_secs") for b in rb], "{:.2f}",
              s["rebuild_daemon_s"]),
             ("  of which the replace command took, s", [get(b, "replace_cmd_s") for b in rb],
-             "{:.3f}", med([get(b, "replace_cmd_s") for b in rb])),
+             "{:.3f}", median([get(b, "replace_cmd_s") for b in rb])),
             ("rebuild MB/s by the daemon's secs", [get(b, "daemon_mb_s") for b in rb], "{:.0f}",
-             med([get(b, "daemon_mb_s") for b in rb])),
+             median([get(b, "daemon_mb_s") for b in rb])),
             ("rebuild copied MiB (member data)", [mib(get(b, "copied")) for b in rb], "{:.1f}",
              mib(s["rebuild_copied"])),
             ("during member write: node, fio cores",
@@ -707,11 +701,11 @@ def summarize_and_print(a, stack, passes):
         t_ratio = [ratio(get(x, "daemon_secs"), get(b, "daemon_secs")) for x, b in zip(rs, rb)]
         w_ratio = [ratio(get(x, "secs"), get(b, "secs")) for x, b in zip(rs, rb)]
         b_ratio = [ratio(get(x, "copied"), get(b, "copied")) for x, b in zip(rs, rb)]
-        s.update(resync_s=med([get(x, "secs") for x in rs]),
-                 resync_daemon_s=med([get(x, "daemon_secs") for x in rs]),
-                 resync_copied=med([get(x, "copied") for x in rs]),
-                 resync_vs_rebuild_time=med(t_ratio), resync_vs_rebuild_wall=med(w_ratio),
-                 resync_vs_rebuild_bytes=med(b_ratio))
+        s.update(resync_s=median([get(x, "secs") for x in rs]),
+                 resync_daemon_s=median([get(x, "daemon_secs") for x in rs]),
+                 resync_copied=median([get(x, "copied") for x in rs]),
+                 resync_vs_rebuild_time=median(t_ratio), resync_vs_rebuild_wall=median(w_ratio),
+                 resync_vs_rebuild_bytes=median(b_ratio))
         rows = [
             ("dirty regions (bitmap) / regions",
              [f"{get(x, 'bitmap_dirty')}/{get(x, 'regions_total')}" if x else None for x in rs],
@@ -746,24 +740,24 @@ def summarize_and_print(a, stack, passes):
         idle = [get(x, "idle") for x in lt]
         dur = [get(x, "during") for x in lt]
         rb = [get(x, "rebuild") for x in lt]
-        s.update(idle_p50_us=med([get(i, "p50_us") for i in idle]),
-                 idle_p99_us=med([get(i, "p99_us") for i in idle]),
-                 during_p50_us=med([get(d, "p50_us") for d in dur]),
-                 during_p99_us=med([get(d, "p99_us") for d in dur]),
-                 window_p99_us=med([get(d, "window", "p99_us") for d in dur]),
-                 idle_window_p99_us=med([get(i, "window", "p99_us") for i in idle]),
-                 p99_ratio=med([get(x, "p99_ratio") for x in lt]),
-                 p50_ratio=med([get(x, "p50_ratio") for x in lt]),
-                 rebuild_under_reads_s=med([get(b, "daemon_secs") for b in rb]))
+        s.update(idle_p50_us=median([get(i, "p50_us") for i in idle]),
+                 idle_p99_us=median([get(i, "p99_us") for i in idle]),
+                 during_p50_us=median([get(d, "p50_us") for d in dur]),
+                 during_p99_us=median([get(d, "p99_us") for d in dur]),
+                 window_p99_us=median([get(d, "window", "p99_us") for d in dur]),
+                 idle_window_p99_us=median([get(i, "window", "p99_us") for i in idle]),
+                 p99_ratio=median([get(x, "p99_ratio") for x in lt]),
+                 p50_ratio=median([get(x, "p50_ratio") for x in lt]),
+                 rebuild_under_reads_s=median([get(b, "daemon_secs") for b in rb]))
         rows = [
             ("idle: IOPS", [get(i, "iops") for i in idle], "{:.0f}",
-             med([get(i, "iops") for i in idle])),
+             median([get(i, "iops") for i in idle])),
             ("idle: p50 / p99 us (fio)",
              [f"{get(i, 'p50_us'):.0f}/{get(i, 'p99_us'):.0f}" if i else None for i in idle],
              "{}", f"{s['idle_p50_us']:.0f}/{s['idle_p99_us']:.0f}"
              if s["idle_p99_us"] is not None else None),
             ("rebuild: IOPS (whole run)", [get(d, "iops") for d in dur], "{:.0f}",
-             med([get(d, "iops") for d in dur])),
+             median([get(d, "iops") for d in dur])),
             ("rebuild: p50 / p99 us (fio, whole run)",
              [f"{get(d, 'p50_us'):.0f}/{get(d, 'p99_us'):.0f}" if d else None for d in dur],
              "{}", f"{s['during_p50_us']:.0f}/{s['during_p99_us']:.0f}"
@@ -877,8 +871,7 @@ def run(a, argv, ctx, cfg):
     t_start = time.monotonic()
     try:
         print("# nbdraid recovery benchmark (issue 11)")
-        print("command: " + os.environ.get("RECOVERY_SH_CMD", " ".join(
-            shlex.quote(x) for x in [sys.argv[0]] + argv)))
+        print("command: " + command_line(argv, "RECOVERY_SH_CMD"))
         for k, v in env.items():
             print(f"{k:>22}: {v}")
         print(f"{'array':>22}: RAID 5 over 4 node volumes of {ctx.member_size_spec} on "
@@ -927,10 +920,8 @@ def run(a, argv, ctx, cfg):
         if stack is not None:
             stack.stop()  # the array daemon before the nodes (in_workdir stops the rest)
         if a.json:  # also what an interrupted run measured so far
-            with open(a.json, "w") as f:
-                json.dump({"environment": env, "config": config, "geometry": geometry,
-                           "summary": summary, "passes": passes}, f, indent=1, default=str)
-            log(f"raw numbers in {a.json}")
+            write_raw_json(a.json, {"environment": env, "config": config, "geometry": geometry,
+                                    "summary": summary, "passes": passes})
     return 0
 
 

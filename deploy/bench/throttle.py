@@ -47,16 +47,13 @@ the cost rows from peers.py.
 """
 
 import argparse
-import json
 import os
-import shlex
-import statistics
 import sys
 import time
 
-from benchlib import (CLK_TCK, busy_cores, fio_nbd_jobs_cmd, fio_stats, fmt_k, log,
-                      prom_samples, read_fio_jobs, run_child, scrape_metrics, self_cpu, sys_cpu,
-                      wait_quiet)
+from benchlib import (CLK_TCK, busy_cores, command_line, f2, fio_nbd_jobs_cmd, fio_stats, fmt_k,
+                      log, median, prom_samples, read_fio_jobs, run_child, scrape_metrics,
+                      self_cpu, sys_cpu, wait_quiet, write_raw_json)
 import arraybench as ab
 import peers
 
@@ -104,15 +101,6 @@ def config(a, accounting):
             f'accounting = {"true" if accounting else "false"}\n')
     return ab.Config(f"acct-{on}", "array", 4, "raid5", base=ARRAY, toml=toml,
                      desc=f"RAID 5 over 4 nodes, grants leased, accounting {on}")
-
-
-def f2(x, fmt="{:.2f}"):
-    return "-" if x is None else fmt.format(x)
-
-
-def median(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
 
 
 # --------------------------------------------------------------------------
@@ -475,8 +463,7 @@ def run(a, argv, ctx, cfgs):
     }
     try:
         print("# nbdraid stacked throttling benchmark")
-        print("command: " + os.environ.get("THROTTLE_SH_CMD", " ".join(
-            shlex.quote(x) for x in [sys.argv[0]] + argv)))
+        print("command: " + command_line(argv, "THROTTLE_SH_CMD"))
         for k, v in env.items():
             if k != "qemu-storage-daemon":
                 print(f"{k:>22}: {v}")
@@ -534,10 +521,8 @@ def run(a, argv, ctx, cfgs):
         print(f"total time {time.monotonic() - t0:.0f}s")
     finally:
         if a.json:  # also what an interrupted run measured so far
-            with open(a.json, "w") as f:
-                json.dump({"environment": env, "config": config_out, "results": results}, f,
-                          indent=1, default=str)
-            log(f"raw numbers in {a.json}")
+            write_raw_json(a.json, {"environment": env, "config": config_out,
+                                    "results": results})
     return 0
 
 
