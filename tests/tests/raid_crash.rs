@@ -260,13 +260,7 @@ fn kill9_during_writes_resyncs_and_keeps_flushed_writes() {
         ("r5", "raid5", vec![0, 1, 2]),
         ("r6", "raid6", vec![0, 1, 2, 3]),
     ];
-    let entries: Vec<String> = arrays
-        .iter()
-        .map(|(name, level, nodes)| {
-            let volume = format!("c{}", &name[1..]);
-            array_entry(name, level, "64K", &cluster.members(&volume, nodes))
-        })
-        .collect();
+    let entries = cluster.array_entries(&arrays, "64K", |name| format!("c{}", &name[1..]));
     let mut array = ArrayDaemon::start(&config(&entries));
     let dir = scratch_dir();
     let mut loads: Vec<Load> = arrays

@@ -164,12 +164,7 @@ fn fio_verifies_through_member_node_kills() {
         ("r6", "raid6", vec![0, 1, 2, 3]),
     ];
     let volume = |name: &str| format!("v{}", &name[1..]);
-    let entries: Vec<String> = arrays
-        .iter()
-        .map(|(name, level, nodes)| {
-            array_entry(name, level, "64K", &cluster.members(&volume(name), nodes))
-        })
-        .collect();
+    let entries = cluster.array_entries(&arrays, "64K", volume);
     let mut array = ArrayDaemon::start(&config(&entries));
     let dir = scratch_dir();
     // Members slowed to 8 MiB/s each so the runs are still going when the

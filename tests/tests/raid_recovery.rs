@@ -94,12 +94,7 @@ fn replace_under_load_at_every_level() {
         ("r10", "raid10", vec![0, 1, 2, 3]),
     ];
     let volume = |name: &str| format!("v{}", &name[1..]);
-    let entries: Vec<String> = arrays
-        .iter()
-        .map(|(name, level, nodes)| {
-            array_entry(name, level, "64K", &cluster.members(&volume(name), nodes))
-        })
-        .collect();
+    let entries = cluster.array_entries(&arrays, "64K", volume);
     let array = ArrayDaemon::start(&format!("{SETTINGS}\n{}", entries.join("\n")));
     let dir = scratch_dir();
     // Slow members keep fio going through the replacement.

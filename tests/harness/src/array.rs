@@ -264,6 +264,24 @@ impl Cluster {
         which.iter().map(|&i| self.nodes[i].uri(name)).collect()
     }
 
+    /// Returns an [`array_entry`] per `(name, level, nodes)` of `arrays`,
+    /// all with chunk `chunk`: array `name`'s members are volume
+    /// `volume(name)` on `nodes` (in that order), so several arrays can
+    /// share the cluster's nodes, each on volumes of its own.
+    pub fn array_entries(
+        &self,
+        arrays: &[(&str, &str, Vec<usize>)],
+        chunk: &str,
+        volume: impl Fn(&str) -> String,
+    ) -> Vec<String> {
+        arrays
+            .iter()
+            .map(|(name, level, nodes)| {
+                array_entry(name, level, chunk, &self.members(&volume(name), nodes))
+            })
+            .collect()
+    }
+
     /// Like [`Cluster::members`], with each node's control plane in the
     /// URI (`?grpc=`), so the array holds grants at the members and
     /// follows their cost models.
