@@ -171,16 +171,6 @@ fn member_state(status: &Value, slot: usize) -> String {
         .to_string()
 }
 
-/// Runs `nbdraid array check NAME` to the end and returns its mismatches.
-fn check_mismatches(array: &ArrayDaemon, name: &str) -> u64 {
-    let out = array.cli(&["check", name, "--quiet", "--json"]);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("check {name} --json: {e}\n{}", show(&out)));
-    report["mismatches"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("check report without mismatches: {report}"))
-}
-
 /// The `key=value` fields of the daemon's last log line containing `msg`
 /// and every one of `with` (e.g. `member=0`).
 fn log_fields(log: &str, msg: &str, with: &[&str]) -> Option<Vec<(String, String)>> {
@@ -456,7 +446,7 @@ fn stale_member_is_never_served(level: &str, nodes: usize, stop: Stop) {
         field_u64(&finished, "copied"),
         field_u64(&finished, "member_size")
     );
-    assert_eq!(check_mismatches(&array, "st"), 0);
+    assert_eq!(array.check_mismatches("st"), 0);
     assert_ne!(
         read_file_at(&member0, DATA_OFFSET, member_size),
         stale,
@@ -585,7 +575,7 @@ fn readd_after_a_transient_failure_copies_only_dirty_regions() {
         copied * 8 <= member_size,
         "copied {copied} of {member_size}"
     );
-    assert_eq!(check_mismatches(&array, "ra"), 0);
+    assert_eq!(array.check_mismatches("ra"), 0);
 
     // Member 0 holds what it missed: read everything written with member
     // 1 gone (its chunks rebuilt from members 0 and 2).

@@ -57,16 +57,6 @@ fn wait_rebuilt(array: &ArrayDaemon, name: &str, slot: usize, uri: &str) -> Valu
     })
 }
 
-/// Runs `check` to the end; returns its mismatches.
-fn check_mismatches(array: &ArrayDaemon, name: &str) -> u64 {
-    let out = array.cli(&["check", name, "--quiet", "--json"]);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("check {name} --json: {e}\n{}", show(&out)));
-    report["mismatches"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("check report without mismatches: {report}"))
-}
-
 /// The `key=value` value of `key` in the daemon log's last line with `msg`.
 fn log_field(log: &str, msg: &str, key: &str) -> Option<u64> {
     let line = log.lines().rev().find(|l| l.contains(msg))?;
@@ -131,11 +121,7 @@ fn replace_under_load_at_every_level() {
     for (name, _, _) in &arrays {
         let new = cluster.nodes[4].uri(&volume(name));
         wait_rebuilt(&array, name, 1, &new);
-        assert_eq!(
-            check_mismatches(&array, name),
-            0,
-            "{name} after the rebuild"
-        );
+        assert_eq!(array.check_mismatches(name), 0, "{name} after the rebuild");
         array.wait_status(name, "clean", hang(60), |s| s["state"] == "clean");
         assert_read_back(fio(name, &array.uri(name), dir.path(), "--verify_only").finish());
     }
@@ -201,7 +187,7 @@ fn a_spare_takes_over_after_a_sigkill() {
         cluster.nodes[node].set_fault("v", &["--clear"]);
     }
     wait_rebuilt(&array, "r5", 1, &spare);
-    assert_eq!(check_mismatches(&array, "r5"), 0);
+    assert_eq!(array.check_mismatches("r5"), 0);
     assert_read_back(fio("r5", &array.uri("r5"), dir.path(), "--verify_only").finish());
 }
 
@@ -273,7 +259,7 @@ fn a_rebuild_resumes_after_kills() {
         copied < size - before_node_kill / 2,
         "the re-added member was rebuilt from the beginning: copied {copied} of {size}"
     );
-    assert_eq!(check_mismatches(&array, "r5"), 0);
+    assert_eq!(array.check_mismatches("r5"), 0);
     assert_read_back(fio("r5", &array.uri("r5"), dir.path(), "--verify_only").finish());
 }
 

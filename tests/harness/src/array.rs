@@ -18,7 +18,7 @@ use tempfile::TempDir;
 use crate::bins::{array_binary, cli_binary, hang};
 use crate::daemon::{DaemonProc, Launch, Ready};
 use crate::node::Node;
-use crate::process::run;
+use crate::process::{run, show};
 
 /// An `[[array]]` entry for the array daemon's configuration.
 pub fn array_entry(name: &str, level: &str, chunk: &str, members: &[String]) -> String {
@@ -197,6 +197,18 @@ impl ArrayDaemon {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// Runs `nbdraid array check NAME` to the end and returns the
+    /// mismatches its JSON report counts; panics with the CLI's output
+    /// when there is no such report.
+    pub fn check_mismatches(&self, name: &str) -> u64 {
+        let out = self.cli(&["check", name, "--quiet", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("check {name} --json: {e}\n{}", show(&out)));
+        report["mismatches"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("check report without mismatches: {report}"))
     }
 
     /// Polls [`ArrayDaemon::status`] until `pred` holds and returns that
