@@ -5,15 +5,7 @@
 
 use std::path::Path;
 
-use nbdraid_tests::{Node, hang, require_tools, run, run_ok, show, tool};
-
-fn both(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use nbdraid_tests::{Node, hang, output_text, require_tools, run, run_ok, show, tool};
 
 #[test]
 fn nbd_client_lists_exports() {
@@ -50,7 +42,7 @@ fn nbd_client_lists_exports() {
 
 /// The `size = NMB` that nbd-client printed, if any.
 fn reported_size_mb(out: &std::process::Output) -> Option<u64> {
-    let text = both(out);
+    let text = output_text(out);
     let rest = &text[text.find("size = ")? + "size = ".len()..];
     rest.split("MB").next()?.trim().parse().ok()
 }
@@ -89,7 +81,7 @@ fn nbd_client_go_handshake_reports_size() {
     let out = handshake(&node, "nope", &[]);
     assert!(!out.status.success(), "{}", show(&out));
     assert!(
-        !both(&out).contains("size ="),
+        !output_text(&out).contains("size ="),
         "unknown export got a size:\n{}",
         show(&out)
     );

@@ -3,8 +3,8 @@
 use std::process::Output;
 
 use nbdraid_tests::{
-    Node, assert_files_equal, hang, require_tools, run, run_ok, scratch_dir, show, tool,
-    write_pattern_file,
+    Node, assert_files_equal, hang, output_text, require_tools, run, run_ok, scratch_dir, show,
+    tool, write_pattern_file,
 };
 
 const MIB: u64 = 1 << 20;
@@ -154,11 +154,7 @@ fn qemu_io_patterns() {
         hang(60),
     )
     .expect("qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         !out.status.success() || text.contains("failed") || text.contains("read-only"),
         "write to a read-only export did not fail:\n{}",

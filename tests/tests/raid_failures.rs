@@ -16,8 +16,8 @@
 use std::process::Output;
 
 use nbdraid_tests::{
-    ArrayDaemon, Cluster, FioRun, array_entry, assert_files_equal, hang, require_tools, run,
-    run_ok, scratch_dir, show, tool, write_pattern_file,
+    ArrayDaemon, Cluster, FioRun, array_entry, assert_files_equal, hang, output_text,
+    require_tools, run, run_ok, scratch_dir, show, tool, write_pattern_file,
 };
 use serde_json::Value;
 
@@ -100,11 +100,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
 /// Asserts that every qemu-io command succeeded (and every pattern read matched).
 fn assert_io_ok(uri: &str, cmds: &[&str]) {
     let out = qemu_io(uri, cmds);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         out.status.success()
             && !text.contains("failed")
@@ -118,11 +114,7 @@ fn assert_io_ok(uri: &str, cmds: &[&str]) {
 /// Asserts that the qemu-io command fails with EIO.
 fn assert_io_eio(uri: &str, cmd: &str) {
     let out = qemu_io(uri, &[cmd]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         text.contains("Input/output error"),
         "qemu-io {uri} {cmd:?} did not fail with EIO:\n{}",

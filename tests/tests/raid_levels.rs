@@ -416,12 +416,7 @@ fn qemu_io(fmt: &str, target: &str, cmds: &[String]) -> Output {
         c.args(["-c", cmd]);
     }
     let out = run_ok(&mut c, hang(300));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-    .to_lowercase();
+    let text = output_text(&out).to_lowercase();
     assert!(
         !text.contains("fail") && !text.contains("error"),
         "qemu-io on {target} reported a failure:\n{}",

@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use nbdraid_tests::{
-    ArrayDaemon, Cluster, FioReport, FioRun, array_entry, assert_same, hang, require_tools, run,
-    run_ok, scratch_dir, show, tool, write_pattern_file,
+    ArrayDaemon, Cluster, FioReport, FioRun, array_entry, assert_same, hang, output_text,
+    require_tools, run, run_ok, scratch_dir, show, tool, write_pattern_file,
 };
 use serde_json::Value;
 
@@ -301,11 +301,7 @@ fn a_source_lost_mid_rebuild() {
         hang(60),
     )
     .expect("qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         text.contains("Input/output error"),
         "a failed array must answer EIO:\n{text}"

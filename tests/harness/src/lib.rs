@@ -50,7 +50,7 @@ pub use fio::{FioReport, FioRun, assert_fio_clean, fio, fio_io_bytes};
 pub use fuse::{NbdFuse, can_loop_mount};
 pub use node::{Backend, Node, NodeBuilder, backend, backend_is_node};
 pub use peers::Peer;
-pub use process::{Background, describe, run, run_ok, show, wait_for};
+pub use process::{Background, describe, output_text, run, run_ok, show, wait_for};
 pub use shared::Shared;
 pub use tempfile::TempDir;
 pub use tools::{SYSTEM_PYTHON, have_python_libnbd, have_tools, tool, tool_path};

@@ -88,6 +88,16 @@ pub fn show(out: &Output) -> String {
     )
 }
 
+/// Returns stdout followed by stderr as one text (lossy UTF-8), for
+/// looking for a message a tool may print on either.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Shell-ish rendering of a command for messages.
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
