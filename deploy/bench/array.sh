@@ -14,6 +14,7 @@
 # --no-build skips cargo (uses the existing target/release binaries);
 # --bin-dir DIR runs the binaries in DIR instead (and skips cargo too).
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 bench_tools=(fio nbdinfo taskset)

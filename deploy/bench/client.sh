@@ -13,6 +13,7 @@
 #
 # --no-build skips cargo (uses the existing target/release binaries).
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 bench_tools=(fio nbdkit nbdcopy taskset)

@@ -5,6 +5,7 @@
 #   deploy/bench/memory.sh [--part node|stack|all] [--runtime 30] [--limit 3G] [--json out.json]
 # --no-build skips cargo (uses the existing target/release binaries).
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # The node with fault injection (the slowed-down storage); the stack part

@@ -12,6 +12,7 @@
 # --no-build skips cargo (uses the existing target/release/nbdraid-node);
 # --node-bin PATH runs that binary instead (and skips cargo too).
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # The node is built only when an nbdraid server is among --servers (all
