@@ -704,6 +704,7 @@ impl Manager {
                     last_sweep = Instant::now();
                     inner.meta.sweep_bitmap(&inner, settings.bitmap_idle).await;
                 }
+                inner.fail_disconnected().await;
                 if last_readd.elapsed() >= Duration::from_secs(2) {
                     last_readd = Instant::now();
                     let Some(m) = manager.upgrade() else { return };

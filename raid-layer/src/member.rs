@@ -336,6 +336,20 @@ impl Member {
             .clone()
     }
 
+    /// Returns why a connection to the member was lost, if one was (its
+    /// node killed or cut off), without sending it anything.
+    pub fn lost_connection(&self) -> Option<String> {
+        [self.client(), self.bg_client()]
+            .into_iter()
+            .flatten()
+            .find_map(|c| {
+                (0..c.connections()).find_map(|i| match c.state(i) {
+                    Some(nbdraid_client::ConnState::Failed(why)) => Some(why),
+                    _ => None,
+                })
+            })
+    }
+
     /// Returns the background client, if one is connected.
     pub fn bg_client(&self) -> Option<Arc<Client>> {
         self.bg_client

@@ -191,6 +191,34 @@ fn a_spare_takes_over_after_a_sigkill() {
     assert_read_back(fio("r5", &array.uri("r5"), dir.path(), "--verify_only").finish());
 }
 
+/// An idle RAID 1 array (clean, no client connected) whose member 1's
+/// node is SIGKILLed notices it without a request to find out: the member
+/// is failed within a few monitor ticks, the spare takes the slot and is
+/// rebuilt, and `check` finds the copies equal. Before, the failure waited
+/// for the next write, which then also waited for the spare's superblock.
+#[test]
+fn an_idle_array_notices_a_killed_member() {
+    let mut cluster = Cluster::start(3, &["v:8M"]);
+    let members = cluster.members("v", &[0, 1]);
+    let spare = cluster.nodes[2].uri("v");
+    let config = format!(
+        "{SETTINGS}\n{}spares = [{spare:?}]\n",
+        array_entry("r1", "raid1", "64K", &members)
+    );
+    let array = ArrayDaemon::start(&config);
+    array.wait_status("r1", "clean", hang(30), |s| s["state"] == "clean");
+    cluster.nodes[1].kill9();
+    let s = wait_rebuilt(&array, "r1", 1, &spare);
+    assert_eq!(s["spares"].as_array().map(Vec::len), Some(0), "{s:#}");
+    let log = array.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("member failed") && l.contains("seen by the monitor")),
+        "the failure was not noticed by the monitor: {log}"
+    );
+    assert_eq!(array.check_mismatches("r1"), 0);
+}
+
 /// A RAID 5 rebuild onto a replacement, paced at 8 MiB/s, is interrupted
 /// twice: the array daemon is SIGKILLed half-way and restarted, then the
 /// new member's node is SIGKILLed and restarted. Each time the rebuild

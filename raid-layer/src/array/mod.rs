@@ -342,6 +342,25 @@ impl ArrayInner {
         self.meta.record_failure(self, slot, &e.to_string()).await;
     }
 
+    /// Fails the members that a connection was lost to, without waiting
+    /// for a request to find out: an idle array then records the failure
+    /// at once, and a spare takes the slot before the next write needs it.
+    pub async fn fail_disconnected(&self) {
+        for m in &self.members {
+            if matches!(m.state(), MemberState::Faulty | MemberState::Missing) {
+                continue;
+            }
+            if let Some(why) = m.lost_connection() {
+                let e = MemberError::Failed {
+                    member: m.slot,
+                    uri: m.uri().to_string(),
+                    reason: format!("{why} (seen by the monitor, with no request outstanding)"),
+                };
+                self.fail_member(m.slot, &e).await;
+            }
+        }
+    }
+
     /// Fails the member named by `e` if `e` is a member failure; returns
     /// whether it was one.
     pub async fn handle(&self, e: &MemberError) -> bool {
