@@ -332,7 +332,7 @@ impl ArrayInner {
                     return Ok(());
                 };
                 let bytes = Bytes::copy_from_slice(&col[c]);
-                self.write_unit(slot, stripe.member_offset(0), bytes, tally)
+                self.write_unit(slot, stripe.member_offset(0), bytes, false, tally)
                     .await
             }
             Pass::Resync | Pass::Check | Pass::Repair => {
@@ -372,7 +372,7 @@ impl ArrayInner {
                             }
                         }
                         tracing::warn!(array = %self.name, stripe = s, data_index = z, member, "repair: one data chunk was wrong; rewritten from P and the other data");
-                        self.write_unit(member, off, Bytes::from_owner(fixed), tally)
+                        self.write_unit(member, off, Bytes::from_owner(fixed), true, tally)
                             .await?;
                         tally.repaired.fetch_add(1, Ordering::Relaxed);
                         return Ok(());
@@ -382,14 +382,20 @@ impl ArrayInner {
                     }
                 }
                 if self.members[stripe.p_member()].writable() && p[..] != col[k][..] {
-                    self.write_unit(stripe.p_member(), off, Bytes::from_owner(p), tally)
-                        .await?;
+                    self.write_unit(
+                        stripe.p_member(),
+                        off,
+                        Bytes::from_owner(p),
+                        pass == Pass::Repair,
+                        tally,
+                    )
+                    .await?;
                 }
                 if let Some(qm) = stripe.q_member()
                     && self.members[qm].writable()
                     && q[..] != col[k + 1][..]
                 {
-                    self.write_unit(qm, off, Bytes::from_owner(q), tally)
+                    self.write_unit(qm, off, Bytes::from_owner(q), pass == Pass::Repair, tally)
                         .await?;
                 }
                 if pass == Pass::Repair {
@@ -497,7 +503,7 @@ impl ArrayInner {
                 }
             };
             if write && m.writable() {
-                self.write_unit(l.member, l.offset, src.clone(), tally)
+                self.write_unit(l.member, l.offset, src.clone(), false, tally)
                     .await?;
             }
         }
@@ -563,7 +569,7 @@ impl ArrayInner {
         for (l, b) in &copies {
             if *b != truth && self.members[l.member].writable() {
                 tracing::warn!(array = %self.name, unit, member = l.member, majority, "repair: copy rewritten");
-                self.write_unit(l.member, l.offset, truth.clone(), tally)
+                self.write_unit(l.member, l.offset, truth.clone(), true, tally)
                     .await?;
             }
         }
@@ -571,15 +577,21 @@ impl ArrayInner {
         Ok(())
     }
 
+    /// Writes a unit a pass fixed. A repair's write is FUA: nothing else
+    /// records it (no bitmap bit, no log entry), and the next partial
+    /// write of the stripe, once the lock is released, logs partial parity
+    /// that counts on it; a rebuild's or resync's writes are made durable
+    /// by the flush before their progress is recorded.
     async fn write_unit(
         &self,
         slot: usize,
         offset: u64,
         bytes: Bytes,
+        fua: bool,
         tally: &Tally,
     ) -> Result<(), IoError> {
         let n = bytes.len() as u64;
-        match self.members[slot].write(offset, bytes, false).await {
+        match self.members[slot].write(offset, bytes, fua).await {
             Ok(()) => {
                 tally.written.fetch_add(n, Ordering::Relaxed);
                 Ok(())
