@@ -852,10 +852,12 @@ impl Manager {
         }
         member.set_recovered(0);
         clear_log(&inner, slot).await?;
+        let before = announce_recovery(e, &inner);
         member.set_state(MemberState::Recovering);
         inner.update_failed();
         if let Err(err) = inner.meta.record_recovering(&inner, slot, 0).await {
             member.set_state(MemberState::Faulty);
+            *lock(&e.sync) = before;
             return Err(AdminError::Internal(format!(
                 "array {name:?}: cannot record member {slot} as recovering: {err}"
             )));
@@ -959,10 +961,7 @@ impl Manager {
         for c in old_clients.into_iter().flatten() {
             c.close(Duration::from_millis(10)).await;
         }
-        // The new member and its rebuild appear in the status together:
-        // a tally stands in from the moment the slot changes hands until
-        // the rebuild puts up its own (or the replacement fails).
-        let before = lock(&e.sync).replace(Tally::new("recovery", inner.layout.member_data_size()));
+        let before = announce_recovery(e, &inner);
         member.set_uri(uri);
         if let Err(err) = clear_log(&inner, slot).await {
             *lock(&e.sync) = before;
@@ -1292,6 +1291,16 @@ const FRONTIER_INTERVAL: Duration = Duration::from_secs(2);
 /// Regions a rebuild works on at once: one stripe at a time leaves every
 /// member idle while each stripe's reads and write make their round trips.
 const REBUILD_WINDOW: usize = 4;
+
+/// Puts up a recovery tally for `e` before a member is seen in its new
+/// state (replaced, or re-added and recovering), so that the status never
+/// shows that member with no recovery running: `status --watch` would take
+/// it as done. [`Manager::spawn_recovery`] puts up the real one; the
+/// previous tally is returned, to be put back if the member does not get
+/// that far.
+fn announce_recovery(e: &Entry, inner: &ArrayInner) -> Option<Arc<Tally>> {
+    lock(&e.sync).replace(Tally::new("recovery", inner.layout.member_data_size()))
+}
 
 /// Clears the partial-parity log area of member `slot` before it is
 /// written again (re-added, or a new volume in its place): entries it

@@ -156,6 +156,21 @@ pub struct MemberStats {
     pub latency_us: AtomicU64,
 }
 
+impl MemberStats {
+    /// Sets every counter back to zero (a new volume in the slot).
+    fn reset(&self) {
+        let Self {
+            reads,
+            writes,
+            errors,
+            latency_us,
+        } = self;
+        for c in [reads, writes, errors, latency_us] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The `?grpc=` of a member URI.
 fn grpc_of(uri: &str) -> Option<String> {
     nbdraid_client::uri::parse_full(uri)
@@ -281,14 +296,7 @@ impl Member {
     pub fn set_uri(&self, uri: &str) {
         self.grpc.store(Arc::new(grpc_of(uri)));
         self.uri.store(Arc::new(uri.to_string()));
-        for c in [
-            &self.stats.reads,
-            &self.stats.writes,
-            &self.stats.errors,
-            &self.stats.latency_us,
-        ] {
-            c.store(0, Ordering::Relaxed);
-        }
+        self.stats.reset();
     }
 
     /// Returns the member's state.
