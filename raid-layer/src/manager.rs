@@ -852,12 +852,10 @@ impl Manager {
         }
         member.set_recovered(0);
         clear_log(&inner, slot).await?;
-        let before = announce_recovery(e, &inner);
         member.set_state(MemberState::Recovering);
         inner.update_failed();
         if let Err(err) = inner.meta.record_recovering(&inner, slot, 0).await {
             member.set_state(MemberState::Faulty);
-            *lock(&e.sync) = before;
             return Err(AdminError::Internal(format!(
                 "array {name:?}: cannot record member {slot} as recovering: {err}"
             )));
@@ -1292,12 +1290,12 @@ const FRONTIER_INTERVAL: Duration = Duration::from_secs(2);
 /// member idle while each stripe's reads and write make their round trips.
 const REBUILD_WINDOW: usize = 4;
 
-/// Puts up a recovery tally for `e` before a member is seen in its new
-/// state (replaced, or re-added and recovering), so that the status never
-/// shows that member with no recovery running: `status --watch` would take
-/// it as done. [`Manager::spawn_recovery`] puts up the real one; the
-/// previous tally is returned, to be put back if the member does not get
-/// that far.
+/// Puts up a recovery tally for `e` before a replaced member is seen in
+/// its slot, so that the status never shows the new member with no
+/// recovery running: `status --watch` would take it as done.
+/// [`Manager::spawn_recovery`] puts up the real one (it always starts
+/// there: a replace first waits for the slot's old rebuild to stop); the
+/// previous tally is returned, to be put back if the replacement fails.
 fn announce_recovery(e: &Entry, inner: &ArrayInner) -> Option<Arc<Tally>> {
     lock(&e.sync).replace(Tally::new("recovery", inner.layout.member_data_size()))
 }
